@@ -1,0 +1,74 @@
+# The developer interface: the same commands in README, CI and your hands.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch; pyproject accepts a range so GPU users get CUDA builds.
+TORCH_PIN ?= torch==2.13.0
+PROTOS := $(wildcard protos/spool/v1/*.proto)
+
+.PHONY: help bootstrap run control worker test test-all proto proto-check lint format bench demo clean
+
+help:
+	@echo "make run      start embedded Postgres + control plane + one worker"
+	@echo "make test     run the whole test suite"
+	@echo "make proto    regenerate Python stubs from protos/"
+	@echo "make lint     ruff + buf lint + stale-stub check"
+	@echo "make bench    write benchmark figures to bench/report.md"
+	@echo "make demo     a 5-minute tour: remove an overlay from a clip"
+
+bootstrap: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e '.[worker,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m control.devrun
+
+control: $(STAMP)
+	$(BIN)/spool-control
+
+worker: $(STAMP)
+	$(BIN)/spool-worker
+
+test: $(STAMP) proto-check
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	SPOOL_SLOW=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+proto: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos \
+		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+
+# Fails when the committed stubs differ from what the protos generate.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && \
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos \
+		--python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) && \
+	for f in $$tmp/spool/v1/*; do \
+		cmp -s "$$f" "spool/v1/$$(basename $$f)" || { echo "stale stub: spool/v1/$$(basename $$f) (run make proto)"; exit 1; }; \
+	done && rm -rf $$tmp && echo "stubs up to date"
+
+lint: $(STAMP) proto-check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	cd protos && ../$(BIN)/buf lint
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+demo: $(STAMP)
+	$(BIN)/python -m bench.demo
+
+clean:
+	rm -rf $(VENV) .spool .pytest_cache build *.egg-info
