@@ -1,0 +1,148 @@
+"""Server interceptors, one concern each: request id + access log, error mapping.
+
+(Authentication lives in control.auth.) Each interceptor is a `ScopeInterceptor`:
+it wraps every handler of every kind (unary or streaming, either side) in one
+async context manager, `scope(details, context)`, entered before the handler
+runs and left after it ends, whatever way it ends.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from typing import Any
+
+import grpc
+
+from control.errors import SpoolError, abort_with, internal_status, to_status
+from control.logs import request_id_var
+
+log = logging.getLogger("spool.rpc")
+
+REQUEST_ID_HEADER = "x-request-id"
+
+Scope = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
+
+
+def _wrap_unary_response(behavior: Callable[..., Awaitable[Any]], scope: Scope) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with scope(context):
+            return await behavior(request, context)
+
+    return wrapped
+
+
+def _wrap_stream_response(behavior: Callable[..., Any], scope: Scope) -> Any:
+    if not inspect.isasyncgenfunction(behavior):
+        # A streaming handler written with `await context.write(…)` is a coroutine.
+        return _wrap_unary_response(behavior, scope)
+
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async with scope(context), aclosing(behavior(request, context)) as responses:
+            async for response in responses:
+                yield response
+
+    return wrapped
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, scope: Scope) -> grpc.RpcMethodHandler:
+    """The same handler with its behavior run inside `scope(context)`."""
+    if handler.unary_unary:
+        return handler._replace(unary_unary=_wrap_unary_response(handler.unary_unary, scope))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=_wrap_unary_response(handler.stream_unary, scope))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=_wrap_stream_response(handler.unary_stream, scope))
+    return handler._replace(stream_stream=_wrap_stream_response(handler.stream_stream, scope))
+
+
+class ScopeInterceptor(grpc.aio.ServerInterceptor):
+    """Base: subclasses implement `scope(details, context)` as an async context manager."""
+
+    def scope(
+        self, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext
+    ) -> AbstractAsyncContextManager[None]:
+        """The context the handler runs in."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Wrap the handler gRPC found for this call (None: unknown method, left alone)."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return wrap_handler(handler, lambda context: self.scope(handler_call_details, context))
+
+
+def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return status.name
+    return default
+
+
+class RequestIdInterceptor(ScopeInterceptor):
+    """Gives each RPC a request id (the caller's x-request-id or a new one) and logs it.
+
+    The id is echoed in the trailing metadata, set on every log record written
+    while the RPC runs, and the RPC's end is logged with its status and duration.
+    """
+
+    @asynccontextmanager
+    async def scope(
+        self, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """Run the handler with a request id; log one access line when it ends."""
+        request_id = ""
+        for name, value in context.invocation_metadata() or ():
+            if name == REQUEST_ID_HEADER:
+                request_id = str(value)[:128]
+        request_id = request_id or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        started = time.perf_counter()
+        outcome = "OK"
+        try:
+            yield
+        except BaseException:
+            outcome = "CANCELLED"
+            raise
+        finally:
+            code = _code_name(context, outcome)
+            elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+            log.log(
+                logging.INFO if code != "INTERNAL" else logging.WARNING,
+                "rpc",
+                extra={"fields": {"method": details.method, "code": code, "ms": elapsed_ms}},
+            )
+            request_id_var.reset(token)
+
+
+class ErrorInterceptor(ScopeInterceptor):
+    """Turns SpoolError into its status; anything unexpected into INTERNAL (logged)."""
+
+    @asynccontextmanager
+    async def scope(
+        self, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """Translate exceptions escaping the handler."""
+        try:
+            yield
+        except SpoolError as exc:
+            await abort_with(context, to_status(exc))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s", details.method)
+            await abort_with(context, internal_status())

@@ -1,0 +1,1 @@
+"""gRPC servicers: protobuf <-> domain conversion and error mapping, one module per service."""

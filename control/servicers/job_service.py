@@ -1,0 +1,316 @@
+"""JobService: protobuf ⇄ domain conversion around control.services.jobs.
+
+Handlers raise SpoolError subclasses; the error interceptor maps them to
+statuses. The caller's tenant comes from `control.auth.current_principal()`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+
+from control.auth import current_principal
+from control.config import Settings
+from control.db import Database
+from control.errors import InvalidArgument
+from control.notify import Notifier
+from control.services.jobs import JobSpec, JobsService, parse_job_id
+from spool.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+pb = job_service_pb2
+
+_STATE_TO_PROTO = {
+    "queued": job_pb2.JOB_STATE_QUEUED,
+    "running": job_pb2.JOB_STATE_RUNNING,
+    "succeeded": job_pb2.JOB_STATE_SUCCEEDED,
+    "failed": job_pb2.JOB_STATE_FAILED,
+    "canceled": job_pb2.JOB_STATE_CANCELED,
+}
+_STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
+_EVENT_KIND_TO_PROTO = {
+    "state": job_pb2.JOB_EVENT_KIND_STATE,
+    "progress": job_pb2.JOB_EVENT_KIND_PROGRESS,
+    "cancel_requested": job_pb2.JOB_EVENT_KIND_CANCEL_REQUESTED,
+    "ignored": job_pb2.JOB_EVENT_KIND_IGNORED,
+}
+
+
+# ---------------------------------------------------------------- conversions
+
+
+def _ms_to_duration(ms: int | None) -> duration_pb2.Duration | None:
+    if not ms:
+        return None
+    d = duration_pb2.Duration()
+    d.FromMilliseconds(int(ms))
+    return d
+
+
+def _seconds_to_duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _timestamp(dt: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if dt is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
+def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
+    if data is None:
+        return None
+    s = struct_pb2.Struct()
+    s.update(dict(data))
+    return s
+
+
+def progress_to_proto(p: Mapping[str, Any] | None) -> job_pb2.Progress | None:
+    """A stored progress dict (see WorkerService) as a Progress message."""
+    if not p:
+        return None
+    msg = job_pb2.Progress(
+        fraction=float(p.get("fraction") or 0.0),
+        stage=str(p.get("stage") or ""),
+        message=str(p.get("message") or ""),
+        done=int(p.get("done") or 0),
+        total=int(p.get("total") or 0),
+        unit=str(p.get("unit") or ""),
+        rate=float(p.get("rate") or 0.0),
+    )
+    if p.get("eta_s") is not None:
+        msg.eta.CopyFrom(_seconds_to_duration(float(p["eta_s"])))
+    if p.get("time") is not None:
+        msg.update_time.FromNanoseconds(int(float(p["time"]) * 1e9))
+    return msg
+
+
+def error_to_proto(e: Mapping[str, Any] | None) -> job_pb2.JobError | None:
+    """A stored error dict ({code, message, retryable}) as a JobError."""
+    if not e:
+        return None
+    return job_pb2.JobError(
+        code=str(e.get("code") or ""),
+        message=str(e.get("message") or ""),
+        retryable=bool(e.get("retryable")),
+    )
+
+
+def job_to_proto(row: Mapping[Any, Any]) -> job_pb2.Job:
+    """A jobs row as a Job message."""
+    return job_pb2.Job(
+        id=str(row["id"]),
+        tenant=row["tenant"],
+        type=row["type"],
+        params=_struct(row["params"]),
+        inputs=list(row["inputs"] or ()),
+        outputs=list(row["outputs"] or ()),
+        priority=row["priority"],
+        labels=dict(row["labels"] or {}),
+        worker_selector=dict(row["worker_selector"] or {}),
+        concurrency_key=row["concurrency_key"] or "",
+        concurrency_limit=row["concurrency_limit"],
+        min_start_interval=_ms_to_duration(row["min_start_interval_ms"]),
+        not_before=_timestamp(row["not_before"]),
+        timeout=_ms_to_duration(row["timeout_ms"]),
+        max_attempts=row["max_attempts"],
+        attempt=row["attempt"],
+        state=_STATE_TO_PROTO.get(row["state"], job_pb2.JOB_STATE_UNSPECIFIED),
+        cancel_requested=row["cancel_requested"],
+        progress=progress_to_proto(row["progress"]),
+        result=_struct(row["result"]),
+        error=error_to_proto(row["error"]),
+        worker_id=row["worker_id"] or "",
+        create_time=_timestamp(row["created_at"]),
+        start_time=_timestamp(row["started_at"]),
+        finish_time=_timestamp(row["finished_at"]),
+        update_time=_timestamp(row["updated_at"]),
+        request_id=row["request_id"] or "",
+        last_seq=row["last_seq"],
+    )
+
+
+def event_to_proto(row: Mapping[Any, Any]) -> job_pb2.JobEvent:
+    """A job_events row as a JobEvent message."""
+    return job_pb2.JobEvent(
+        job_id=str(row["job_id"]),
+        seq=row["seq"],
+        kind=_EVENT_KIND_TO_PROTO.get(row["kind"], job_pb2.JOB_EVENT_KIND_UNSPECIFIED),
+        state=_STATE_TO_PROTO.get(row["state"] or "", job_pb2.JOB_STATE_UNSPECIFIED),
+        attempt=row["attempt"],
+        progress=progress_to_proto(row["progress"]),
+        error=error_to_proto(row["error"]),
+        message=row["message"] or "",
+        worker_id=row["worker_id"] or "",
+        create_time=_timestamp(row["created_at"]),
+    )
+
+
+def worker_to_proto(row: Mapping[Any, Any]) -> job_pb2.Worker:
+    """A workers row (with running_job_ids) as a Worker message."""
+    device = row["device"] or {}
+    return job_pb2.Worker(
+        id=row["id"],
+        name=row["name"],
+        labels=dict(row["labels"] or {}),
+        job_types=list(row["job_types"] or ()),
+        slots=row["slots"],
+        device=job_pb2.Device(
+            kind=str(device.get("kind", "")),
+            index=int(device.get("index", 0)),
+            name=str(device.get("name", "")),
+            memory_bytes=int(device.get("memory_bytes", 0)),
+        ),
+        version=row["version"],
+        connected=row["connected"],
+        control_replica=row["control_replica"] or "",
+        running_job_ids=list(row["running_job_ids"] or ()),
+        connect_time=_timestamp(row["connected_at"]),
+        last_heartbeat_time=_timestamp(row["last_heartbeat_at"]),
+    )
+
+
+def _duration_ms(d: duration_pb2.Duration) -> int:
+    # Sign survives so validation can name a negative duration's field.
+    return d.seconds * 1000 + d.nanos // 1_000_000
+
+
+def spec_from_proto(spec: job_pb2.JobSpec) -> JobSpec:
+    """A JobSpec message as the domain JobSpec (validated later by the service)."""
+    not_before = None
+    if spec.HasField("not_before") and (spec.not_before.seconds or spec.not_before.nanos):
+        not_before = spec.not_before.ToDatetime(tzinfo=UTC)
+    return JobSpec(
+        type=spec.type,
+        params=json_format.MessageToDict(spec.params) if spec.HasField("params") else {},
+        inputs=list(spec.inputs),
+        priority=spec.priority,
+        labels=dict(spec.labels),
+        worker_selector=dict(spec.worker_selector),
+        concurrency_key=spec.concurrency_key,
+        concurrency_limit=spec.concurrency_limit,
+        min_start_interval_ms=_duration_ms(spec.min_start_interval),
+        not_before=not_before,
+        timeout_ms=_duration_ms(spec.timeout),
+        max_attempts=spec.max_attempts,
+        request_id=spec.request_id,
+    )
+
+
+# ---------------------------------------------------------------- servicer
+
+
+class JobService(job_service_pb2_grpc.JobServiceServicer):
+    """The client-facing job API."""
+
+    def __init__(self, db: Database, notifier: Notifier, settings: Settings) -> None:
+        self.jobs = JobsService(db, notifier, settings)
+
+    async def Submit(
+        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitResponse:
+        """Submit one job (idempotent on job.request_id)."""
+        tenant = current_principal().tenant
+        row, deduplicated = await self.jobs.submit(tenant, spec_from_proto(request.job))
+        return pb.SubmitResponse(job=job_to_proto(row), deduplicated=deduplicated)
+
+    async def SubmitBatch(
+        self, request: pb.SubmitBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitBatchResponse:
+        """Submit many jobs in one transaction."""
+        tenant = current_principal().tenant
+        rows = await self.jobs.submit_batch(tenant, [spec_from_proto(j) for j in request.jobs])
+        return pb.SubmitBatchResponse(jobs=[job_to_proto(r) for r in rows])
+
+    async def Get(
+        self, request: pb.GetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetResponse:
+        """One job of the caller's tenant."""
+        tenant = current_principal().tenant
+        row = await self.jobs.get(tenant, parse_job_id(request.job_id))
+        return pb.GetResponse(job=job_to_proto(row))
+
+    async def List(
+        self, request: pb.ListRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListResponse:
+        """A page of the caller's jobs, newest first."""
+        tenant = current_principal().tenant
+        states = []
+        for value in request.states:
+            if value not in _STATE_FROM_PROTO:
+                raise InvalidArgument("states", f"unknown state {value}")
+            states.append(_STATE_FROM_PROTO[value])
+        rows, token = await self.jobs.list_jobs(
+            tenant,
+            states=states,
+            job_type=request.type,
+            labels=dict(request.labels),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListResponse(jobs=[job_to_proto(r) for r in rows], next_page_token=token)
+
+    async def Cancel(
+        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelResponse:
+        """Cancel a job (no-op when it already finished)."""
+        tenant = current_principal().tenant
+        row = await self.jobs.cancel(tenant, parse_job_id(request.job_id), request.reason[:1000])
+        return pb.CancelResponse(job=job_to_proto(row))
+
+    async def WatchProgress(
+        self, request: pb.WatchProgressRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchProgressResponse]:
+        """Stream the job's events after after_seq; ends after the terminal event."""
+        tenant = current_principal().tenant
+        job_id = parse_job_id(request.job_id)
+        async for event in self.jobs.watch(tenant, job_id, request.after_seq):
+            yield pb.WatchProgressResponse(event=event_to_proto(event))
+
+    async def Retry(
+        self, request: pb.RetryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RetryResponse:
+        """Requeue a failed or canceled job."""
+        tenant = current_principal().tenant
+        row = await self.jobs.retry(tenant, parse_job_id(request.job_id))
+        return pb.RetryResponse(job=job_to_proto(row))
+
+    async def Delete(
+        self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteResponse:
+        """Delete a finished job and its history."""
+        tenant = current_principal().tenant
+        await self.jobs.delete(tenant, parse_job_id(request.job_id))
+        return pb.DeleteResponse()
+
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatsResponse:
+        """Counts by state and type, queue depth and age, connected workers."""
+        tenant = current_principal().tenant
+        stats = await self.jobs.stats(tenant)
+        return pb.GetStatsResponse(
+            totals=pb.StateCounts(**stats.totals),
+            by_type={t: pb.StateCounts(**counts) for t, counts in stats.by_type.items()},
+            queue_depth=stats.queue_depth,
+            oldest_queued_age=_seconds_to_duration(stats.oldest_queued_age.total_seconds()),
+            connected_workers=stats.connected_workers,
+        )
+
+    async def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListWorkersResponse:
+        """Workers known to the control plane."""
+        tenant = current_principal().tenant
+        rows = await self.jobs.list_workers(tenant, request.include_disconnected)
+        return pb.ListWorkersResponse(workers=[worker_to_proto(r) for r in rows])

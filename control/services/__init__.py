@@ -1,0 +1,1 @@
+"""Decisions: state transitions, dispatch, validation (no SQL, no protobuf)."""

@@ -1,0 +1,650 @@
+"""Dispatch: worker stream sessions, the replica's claim loop, and cancel fan-out.
+
+One `Dispatcher` per control replica holds the sessions of the workers connected
+to it. It decides, the store (`control.store.dispatch`) talks to Postgres, and
+the servicer (`control.servicers.worker_service`) converts protobuf.
+
+- **Pull, not push.** A session's credits grow with the worker's `Ready` and
+  shrink by one per `Assign`; the claim asks for at most the credits left, and
+  only the claim loop assigns, so a worker never gets more than it asked for.
+- **One claim loop per replica**, woken by `spool_jobs` hints (NOTIFY from any
+  replica, and the Notifier's in-process fan-out after a local submit), by new
+  credits, by the moment a delayed job or a key's start interval comes due, and
+  by a safety-net poll. Idle sessions claim in turn; once a claim comes back short
+  for a (job types, labels) signature, the others sharing it skip the round, so a
+  hundred idle workers cost one empty query per hint, not a hundred.
+- **One writer per session.** Worker messages are applied in order by one task,
+  a batch per transaction; progress is coalesced per job (latest wins, at most
+  one write per `PROGRESS_FLUSH_INTERVAL_S`, the last value always written before
+  the attempt's outcome).
+- **Cancel reaches the holder wherever it is connected**: a `spool_cancel` hint
+  (payload: job id) makes the replica holding that attempt re-read the row and
+  send `Cancel`; a periodic sweep covers hints lost while the listener was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from control import metrics
+from control.store import dispatch as store
+from control.store import leases as leases_store
+from control.store import workers as workers_store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: safety-net claim poll while some worker has credits
+DISPATCH_POLL_INTERVAL_S = 1.0
+#: at most one "when is the next delayed job due" query per this interval
+LOOK_AHEAD_MIN_INTERVAL_S = 0.1
+#: safety-net sweep for cancel requests whose NOTIFY was lost
+CANCEL_SWEEP_INTERVAL_S = 1.0
+#: at most one progress write per job per this interval (the last is always written)
+PROGRESS_FLUSH_INTERVAL_S = 0.2
+#: a claim that keeps coming back with held-back keyed jobs is retried this often per round
+MAX_CLAIMS_PER_SESSION_ROUND = 4
+#: attempts to apply a batch of worker messages before giving the stream up
+APPLY_ATTEMPTS = 3
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware (the store takes `now` from its callers)."""
+    return datetime.now(UTC)
+
+
+def new_replica_id() -> str:
+    """A name for this control replica, unique per process start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+# ------------------------------------------------------------------ messages
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The first message of a stream: who the worker is."""
+
+    worker_id: str
+    name: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    job_types: Sequence[str] = ()
+    slots: int = 1
+    device: Mapping[str, Any] = field(default_factory=dict)
+    version: str = ""
+    #: attempts it still runs from before a reconnect
+    running: Sequence[tuple[str, int]] = ()
+
+
+@dataclass(frozen=True)
+class Ready:
+    credits: int
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    job_id: str
+    attempt: int
+    progress: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    running: Sequence[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class Completed:
+    job_id: str
+    attempt: int
+    result: Mapping[str, Any] | None
+    outputs: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Failed:
+    job_id: str
+    attempt: int
+    error: Mapping[str, Any]
+    retry_delay_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Released:
+    job_id: str
+    attempt: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Canceled:
+    job_id: str
+    attempt: int
+
+
+Inbound = Ready | ProgressReport | Heartbeat | Completed | Failed | Released | Canceled
+#: the messages that end an attempt
+Outcome = Completed | Failed | Released | Canceled
+
+#: queued after the last message of a stream
+_END = object()
+
+
+@dataclass(frozen=True)
+class Assign:
+    """Control → worker: run this attempt (a full job row)."""
+
+    job: Mapping[str, Any]
+    attempt: int
+    lease_deadline: datetime
+
+
+@dataclass(frozen=True)
+class CancelAttempt:
+    """Control → worker: stop this attempt; it is stopped by force after `grace_s`."""
+
+    job_id: str
+    attempt: int
+    reason: str
+    grace_s: float
+
+
+Outbound = Assign | CancelAttempt
+
+
+# ------------------------------------------------------------------ sessions
+
+
+class WorkerSession:
+    """The control side of one worker's Connect stream."""
+
+    def __init__(self, dispatcher: Dispatcher, hello: Hello, connected_at: datetime) -> None:
+        self.dispatcher = dispatcher
+        self.hello = hello
+        self.worker_id = hello.worker_id
+        self.connected_at = connected_at
+        self.signature = (frozenset(hello.job_types), tuple(sorted(hello.labels.items())))
+        #: jobs the worker may still be given (Ready adds, Assign consumes)
+        self.credits = 0
+        #: attempts this session believes the worker runs
+        self.running: set[tuple[str, int]] = set()
+        self.outbox: asyncio.Queue[Outbound | None] = asyncio.Queue()
+        self.closed = False
+        self._cancel_sent: set[tuple[str, int]] = set()
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._pending_progress: dict[str, tuple[int, Mapping[str, Any]]] = {}
+        self._last_flush = 0.0
+
+    # --- called by the servicer -------------------------------------------------
+
+    def receive(self, msg: Inbound) -> None:
+        """Take one message from the worker (never blocks; applied in order)."""
+        if isinstance(msg, Ready):
+            self._add_credits(msg.credits)
+        else:
+            self._inbox.put_nowait(msg)
+
+    def send_cancel(self, job_id: str, attempt: int, reason: str) -> None:
+        """Tell the worker to stop an attempt (once per attempt)."""
+        ref = (job_id, attempt)
+        if self.closed or ref in self._cancel_sent:
+            return
+        self._cancel_sent.add(ref)
+        self.outbox.put_nowait(
+            CancelAttempt(job_id, attempt, reason, self.dispatcher.settings.cancel_grace_s)
+        )
+
+    # --- internals ---------------------------------------------------------------
+
+    def _add_credits(self, credits: int) -> None:
+        if credits <= 0:
+            return
+        # Credits never exceed the slots the worker declared, whatever it sends.
+        cap = max(1, self.hello.slots)
+        self.credits = min(cap, self.credits + credits)
+        self.dispatcher.wake()
+
+    def _assign(self, row: Mapping[str, Any]) -> None:
+        ref = (str(row["id"]), row["attempt"])
+        self.credits -= 1
+        self.running.add(ref)
+        self.outbox.put_nowait(Assign(row, row["attempt"], row["lease_expires_at"]))
+
+    def _forget(self, job_id: str, attempt: int) -> None:
+        self.running.discard((job_id, attempt))
+        self._cancel_sent.discard((job_id, attempt))
+
+    def finish(self) -> None:
+        """The stream ended: the writer applies what is queued, then stops."""
+        self._inbox.put_nowait(_END)
+
+    async def run_writer(self) -> None:
+        """Apply the worker's messages in order, a batch per transaction, until `finish`."""
+        ended = False
+        while not ended:
+            timeout = None
+            if self._pending_progress:
+                timeout = max(0.0, self._last_flush + PROGRESS_FLUSH_INTERVAL_S - time.monotonic())
+            try:
+                batch = [await asyncio.wait_for(self._inbox.get(), timeout)]
+            except TimeoutError:
+                batch = []
+            while not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            if _END in batch:
+                ended = True
+                batch = [m for m in batch if m is not _END]
+                # Whatever progress is pending is the latest: write it now.
+                self._last_flush = 0.0
+            await self._apply_batch(batch)
+
+    async def _apply_batch(self, batch: list[Inbound]) -> None:
+        for msg in batch:
+            if isinstance(msg, ProgressReport):
+                self._pending_progress[msg.job_id] = (msg.attempt, msg.progress)
+        rest = [
+            m for m in batch if isinstance(m, Heartbeat | Completed | Failed | Released | Canceled)
+        ]
+        flush_due = time.monotonic() >= self._last_flush + PROGRESS_FLUSH_INTERVAL_S
+        if not rest and not (self._pending_progress and flush_due):
+            return
+        for attempt in range(APPLY_ATTEMPTS):
+            try:
+                after = await self._apply_in_transaction(rest, flush_due)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if attempt == APPLY_ATTEMPTS - 1:
+                    raise
+                log.exception("worker %s: applying messages failed, retrying", self.worker_id)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        for action in after:
+            action()
+
+    async def _apply_in_transaction(
+        self, msgs: Sequence[Heartbeat | Outcome], flush_due: bool
+    ) -> list[Any]:
+        d = self.dispatcher
+        now = utcnow()
+        after: list[Any] = []
+        pending = dict(self._pending_progress)
+        async with d.db.session() as s, s.begin():
+            for msg in msgs:
+                if isinstance(msg, Heartbeat):
+                    await self._heartbeat(s, msg, now, after)
+                    continue
+                # The final progress of an attempt is written before its outcome.
+                p = pending.pop(msg.job_id, None)
+                if p is not None and p[0] == msg.attempt:
+                    await store.write_progress(s, self.worker_id, [(msg.job_id, *p)], now)
+                await self._outcome(s, msg, now, after)
+            if flush_due and pending:
+                updates = [(job_id, a, p) for job_id, (a, p) in pending.items()]
+                await store.write_progress(s, self.worker_id, updates, now)
+                pending = {}
+        # Committed (only this task touches the pending progress).
+        if len(pending) < len(self._pending_progress):
+            self._last_flush = time.monotonic()
+        self._pending_progress = pending
+        return after
+
+    async def _heartbeat(self, s: Any, msg: Heartbeat, now: datetime, after: list[Any]) -> None:
+        d = self.dispatcher
+        refs = set(msg.running)
+        await workers_store.touch_heartbeat(s, self.worker_id, self.connected_at, now)
+        kept = await store.extend_leases(s, self.worker_id, refs, now, lease_s=d.settings.lease_s)
+        for job_id, attempt in refs - kept:
+            # Not this worker's any more (reaped, timed out, finished, re-run): stop it.
+            after.append(
+                lambda j=job_id, a=attempt: self.send_cancel(j, a, "attempt no longer leased")
+            )
+
+    async def _outcome(self, s: Any, msg: Outcome, now: datetime, after: list[Any]) -> None:
+        d = self.dispatcher
+        w = self.worker_id
+        if isinstance(msg, Completed):
+            t = await store.complete_attempt(
+                s, msg.job_id, msg.attempt, w, msg.result, msg.outputs, now
+            )
+        elif isinstance(msg, Failed):
+            t = await store.fail_attempt(
+                s,
+                msg.job_id,
+                msg.attempt,
+                w,
+                msg.error,
+                now,
+                retry_delay_s=msg.retry_delay_s,
+                backoff_base_s=d.settings.retry_backoff_base_s,
+                backoff_max_s=d.settings.retry_backoff_max_s,
+            )
+        elif isinstance(msg, Released):
+            t = await store.release_attempt(s, msg.job_id, msg.attempt, w, msg.reason, now)
+        elif isinstance(msg, Canceled):
+            t = await store.confirm_canceled(s, msg.job_id, msg.attempt, w, now)
+        else:  # pragma: no cover - the servicer only builds the types above
+            raise TypeError(f"unexpected message {msg!r}")
+        after.append(lambda: self._forget(msg.job_id, msg.attempt))
+        if t is not None and t.state in ("succeeded", "failed", "canceled"):
+            after.append(lambda: metrics.FINISHED.labels(type=t.job_type, state=t.state).inc())
+
+
+# ------------------------------------------------------------------ dispatcher
+
+
+class Dispatcher:
+    """The replica's worker sessions, its claim loop and its cancel fan-out."""
+
+    def __init__(self, db: Any, notifier: Any, settings: Any, replica_id: str | None = None):
+        self.db = db
+        self.notifier = notifier
+        self.settings = settings
+        self.replica_id = replica_id or new_replica_id()
+        self.sessions: dict[int, WorkerSession] = {}
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._rotation = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._inflight: set[asyncio.Future[Any]] = set()
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe to the wake-up channels and start the named loops."""
+        jobs_sub = self.notifier.subscribe("spool_jobs")
+        cancel_sub = self.notifier.subscribe("spool_cancel")
+        self._subs = [jobs_sub, cancel_sub]
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="dispatch.claim"),
+            asyncio.create_task(self._jobs_hints(jobs_sub), name="dispatch.jobs-hints"),
+            asyncio.create_task(self._cancel_hints(cancel_sub), name="dispatch.cancel-hints"),
+            asyncio.create_task(self._cancel_sweep(), name="dispatch.cancel-sweep"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the loops and end every open stream (its worker reconnects elsewhere)."""
+        for session in list(self.sessions.values()):
+            session.outbox.put_nowait(None)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Units of database work the loops started run to their end (never cut mid-query).
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        for sub in getattr(self, "_subs", []):
+            sub.close()
+        self._tasks = []
+
+    async def guarded(self, coro: Awaitable[T]) -> T:
+        """Run a unit of database work that cancelling the caller must not cut short.
+
+        A task cancelled mid-query can leak its connection; this runs the work as
+        its own task, shielded, and `stop()` waits for whatever is still running.
+        """
+        task = asyncio.ensure_future(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    def wake(self) -> None:
+        """Ask the claim loop for a round soon (cheap; coalesces)."""
+        self._wake.set()
+
+    # --- sessions ----------------------------------------------------------------
+
+    async def open_session(self, hello: Hello) -> WorkerSession:
+        """Register a worker whose Hello arrived; keep the leases it still holds.
+
+        Attempts it reports that are no longer its get a Cancel; RUNNING attempts of
+        this worker it does not report (it restarted) go back to the queue at once.
+        """
+        now = utcnow()
+        reported = set(hello.running)
+        async with self.db.session() as s, s.begin():
+            await workers_store.upsert_connected(
+                s,
+                worker_id=hello.worker_id,
+                name=hello.name,
+                labels=hello.labels,
+                job_types=hello.job_types,
+                slots=hello.slots,
+                device=hello.device,
+                version=hello.version,
+                replica=self.replica_id,
+                now=now,
+            )
+            kept = await store.extend_leases(
+                s, hello.worker_id, reported, now, lease_s=self.settings.lease_s
+            )
+            lost = await leases_store.requeue_lost_attempts(s, hello.worker_id, kept, now)
+        # The same worker on an older stream here (not yet noticed dead): end that one.
+        for old in self.sessions.values():
+            if old.worker_id == hello.worker_id:
+                old.closed = True
+                old.outbox.put_nowait(None)
+        session = WorkerSession(self, hello, now)
+        session.running |= kept
+        for job_id, attempt in reported - kept:
+            session.send_cancel(job_id, attempt, "attempt no longer leased")
+        if lost:
+            log.info("worker %s reconnected without %d attempt(s)", hello.worker_id, len(lost))
+        self.sessions[next(self._ids)] = session
+        metrics.OPEN_STREAMS.labels(kind="worker").inc()
+        log.info(
+            "worker %s connected (%s, slots=%d, types=%s, kept %d attempt(s))",
+            hello.worker_id,
+            hello.name,
+            hello.slots,
+            ",".join(hello.job_types),
+            len(kept),
+        )
+        return session
+
+    async def close_session(self, session: WorkerSession) -> None:
+        """The stream ended: forget the session, mark the worker disconnected.
+
+        Its RUNNING attempts keep their leases and come back through the lease reaper
+        (or at once if the worker reconnects without them).
+        """
+        session.closed = True
+        for key, s in list(self.sessions.items()):
+            if s is session:
+                del self.sessions[key]
+        metrics.OPEN_STREAMS.labels(kind="worker").dec()
+        unsent = []
+        while not session.outbox.empty():
+            out = session.outbox.get_nowait()
+            if isinstance(out, Assign):
+                unsent.append(out.job)
+        try:
+            await self._give_back(session, unsent)
+        except Exception:
+            log.exception("giving back %d unsent job(s) failed", len(unsent))
+        try:
+            async with self.db.session() as s, s.begin():
+                await workers_store.mark_disconnected(
+                    s, session.worker_id, session.connected_at, utcnow()
+                )
+        except Exception:
+            log.exception("marking worker %s disconnected failed", session.worker_id)
+        log.info("worker %s disconnected", session.worker_id)
+
+    # --- claim loop --------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        next_due: datetime | None = None
+        last_look_ahead = 0.0
+        while True:
+            timeout = DISPATCH_POLL_INTERVAL_S
+            if next_due is not None:
+                timeout = min(timeout, max(0.0, (next_due - utcnow()).total_seconds()))
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if next_due is not None and next_due <= utcnow():
+                next_due = None  # due now: this round serves it
+            # Looking ahead (when do delayed jobs come due?) is throttled: hints can be many.
+            look_ahead = time.monotonic() - last_look_ahead >= LOOK_AHEAD_MIN_INTERVAL_S
+            try:
+                due = await self.guarded(self._claim_round(look_ahead=look_ahead))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("claim round failed")
+                await asyncio.sleep(DISPATCH_POLL_INTERVAL_S)
+                continue
+            if look_ahead:
+                last_look_ahead = time.monotonic()
+            if due is not None:
+                next_due = due if next_due is None else min(next_due, due)
+
+    async def _claim_round(self, *, look_ahead: bool) -> datetime | None:
+        """Let every session with credits claim, in turn; returns when to wake next."""
+        sessions = [s for s in self.sessions.values() if s.credits > 0 and not s.closed]
+        if not sessions:
+            return None
+        self._rotation = (self._rotation + 1) % len(sessions)
+        sessions = sessions[self._rotation :] + sessions[: self._rotation]
+        exhausted: set[Any] = set()
+        retry_at: datetime | None = None
+        for session in sessions:
+            for _ in range(MAX_CLAIMS_PER_SESSION_ROUND):
+                if session.credits <= 0 or session.closed or session.signature in exhausted:
+                    break
+                result = await self._claim_for(session)
+                if result.retry_at is not None:
+                    retry_at = min(retry_at or result.retry_at, result.retry_at)
+                if not result.held_back:
+                    if session.credits > 0:
+                        exhausted.add(session.signature)
+                    break
+        idle = [s for s in self.sessions.values() if s.credits > 0 and not s.closed]
+        if idle and look_ahead:
+            types = sorted({t for s in idle for t in s.hello.job_types})
+            async with self.db.session() as s, s.begin():
+                due = await store.next_due_at(s, types, utcnow())
+            if due is not None:
+                retry_at = min(retry_at or due, due)
+        return retry_at
+
+    async def _claim_for(self, session: WorkerSession) -> store.ClaimResult:
+        hello = session.hello
+        now = utcnow()
+        result = await self._claim_tx(session, hello, now)
+        if session.closed:
+            await self._give_back(session, result.jobs)
+            return result
+        for row in result.jobs:
+            session._assign(row)
+            metrics.DISPATCHED.labels(type=row["type"]).inc()
+            ready_since = max(row["created_at"], row["not_before"])
+            metrics.DISPATCH_LATENCY.observe(max(0.0, (now - ready_since).total_seconds()))
+        return result
+
+    async def _claim_tx(self, session: WorkerSession, hello: Hello, now: datetime):
+        async with self.db.session() as s, s.begin():
+            return await store.claim_jobs(
+                s,
+                session.worker_id,
+                hello.job_types,
+                hello.labels,
+                session.credits,
+                now,
+                lease_s=self.settings.lease_s,
+            )
+
+    async def _give_back(self, session: WorkerSession, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Jobs claimed for a stream that closed before they were sent go back at once."""
+        if not rows:
+            return
+        async with self.db.session() as s, s.begin():
+            for row in rows:
+                await store.release_attempt(
+                    s,
+                    str(row["id"]),
+                    row["attempt"],
+                    session.worker_id,
+                    "the stream closed before the job was sent",
+                    utcnow(),
+                    by="control",
+                )
+
+    async def _jobs_hints(self, sub: Any) -> None:
+        async for _ in sub:
+            self._wake.set()
+
+    # --- cancel fan-out ----------------------------------------------------------
+
+    def _holders(self, job_ids: set[str]) -> dict[WorkerSession, set[tuple[str, int]]]:
+        found: dict[WorkerSession, set[tuple[str, int]]] = {}
+        for session in self.sessions.values():
+            refs = {ref for ref in session.running if ref[0] in job_ids}
+            if refs:
+                found[session] = refs
+        return found
+
+    async def _cancel_hints(self, sub: Any) -> None:
+        async for first in sub:
+            # Take every hint already queued: one re-read for the lot.
+            job_ids = {first, *sub.drain()}
+            try:
+                if "" in job_ids:
+                    # The wildcard (the listener reconnected, hints may be lost).
+                    await self.guarded(self._sweep_once())
+                else:
+                    await self.guarded(self._stop_attempts(self._holders(job_ids)))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("cancel fan-out failed")
+
+    async def _stop_attempts(self, holders: dict[WorkerSession, set[tuple[str, int]]]) -> None:
+        if not holders:
+            return
+        now = utcnow()
+        async with self.db.session() as s, s.begin():
+            decisions = [
+                (session, await leases_store.attempts_to_stop(s, session.worker_id, refs, now))
+                for session, refs in holders.items()
+            ]
+        for session, refs in decisions:
+            for job_id, attempt in refs:
+                session.send_cancel(job_id, attempt, "cancel requested or timed out")
+
+    async def _cancel_sweep(self) -> None:
+        while True:
+            await asyncio.sleep(CANCEL_SWEEP_INTERVAL_S)
+            try:
+                await self.guarded(self._sweep_once())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("cancel sweep failed")
+
+    async def _sweep_once(self) -> None:
+        by_worker: dict[str, list[WorkerSession]] = {}
+        for session in self.sessions.values():
+            if session.running:
+                by_worker.setdefault(session.worker_id, []).append(session)
+        if not by_worker:
+            return
+        async with self.db.session() as s, s.begin():
+            rows = await leases_store.attempts_to_cancel(s, sorted(by_worker), utcnow())
+        for row in rows:
+            ref = (str(row.id), row.attempt)
+            for session in by_worker.get(row.worker_id, []):
+                if ref in session.running:
+                    session.send_cancel(ref[0], ref[1], "cancel requested or timed out")

@@ -1,0 +1,168 @@
+"""Shared per-job event feeds: one database reader per watched job per replica.
+
+However many clients watch a job on this replica, one `JobFeed` listens for
+the job's `spool_events` hints, reads the new `job_events` rows once and hands
+them to every local watcher's bounded queue. A watcher whose queue overflows is
+marked lagging and catches up from the database itself, so a slow client never
+holds back the others and never loses an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from control.notify import EVENTS_CHANNEL, Notifier
+from control.store.jobs import Row
+
+log = logging.getLogger(__name__)
+
+#: events a watcher may have waiting before it is marked lagging
+WATCHER_QUEUE_SIZE = 256
+#: a feed re-reads at least this often even without a NOTIFY (safety net)
+FEED_POLL_S = 5.0
+#: hints a feed keeps queued (they coalesce: one read serves many)
+FEED_HINT_QUEUE_SIZE = 16
+
+#: reads events of a job with seq > after_seq (at most `limit`), in seq order
+ReadEvents = Callable[[uuid.UUID, int, int], Awaitable[list[Row]]]
+#: reads a job's last_seq (0 when it does not exist)
+ReadLastSeq = Callable[[uuid.UUID], Awaitable[int]]
+
+
+class WatcherQueue:
+    """One watcher's inbox of events from a feed."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Row] = asyncio.Queue(WATCHER_QUEUE_SIZE)
+        #: set when events were dropped: the watcher must re-read from the database
+        self.lagging = False
+
+    def offer(self, event: Row) -> None:
+        """Queue an event, or mark the watcher lagging when its queue is full."""
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.lagging = True
+
+    def take_lag(self) -> bool:
+        """True (once) if events were dropped; empties the queue so reading restarts clean."""
+        if not self.lagging:
+            return False
+        self.lagging = False
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        return True
+
+
+class JobFeed:
+    """Reads one job's new events once and fans them out to local watchers."""
+
+    def __init__(
+        self,
+        job_id: uuid.UUID,
+        notifier: Notifier,
+        read_events: ReadEvents,
+        read_last_seq: ReadLastSeq,
+        batch: int,
+    ) -> None:
+        self.job_id = job_id
+        self.watchers: set[WatcherQueue] = set()
+        self.ready = asyncio.Event()
+        self._read_events = read_events
+        self._read_last_seq = read_last_seq
+        self._batch = batch
+        self._last_seq = 0
+        # Subscribed before the first read, so no commit falls in between.
+        self._hints = notifier.subscribe(
+            EVENTS_CHANNEL, key=str(job_id), maxsize=FEED_HINT_QUEUE_SIZE
+        )
+        self.task = asyncio.create_task(self._run(), name=f"watch-feed-{job_id}")
+
+    async def _run(self) -> None:
+        try:
+            self._last_seq = await self._read_last_seq(self.job_id)
+            self.ready.set()
+            while True:
+                await self._hints.get(FEED_POLL_S)
+                self._hints.drain()
+                await self._read_new()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Watchers notice (feed task done) and fall back to reading themselves.
+            log.exception("event feed of job %s failed", self.job_id)
+        finally:
+            self._hints.close()
+            self.ready.set()
+
+    async def _read_new(self) -> None:
+        while True:
+            events = await self._read_events(self.job_id, self._last_seq, self._batch)
+            for event in events:
+                self._last_seq = event["seq"]
+                for watcher in self.watchers:
+                    watcher.offer(event)
+            if len(events) < self._batch:
+                return
+
+    @property
+    def alive(self) -> bool:
+        """False once the feed task ended (failed or stopped)."""
+        return not self.task.done()
+
+
+class FeedHub:
+    """The replica's feeds, created on the first watcher of a job and stopped after the last."""
+
+    def __init__(
+        self, notifier: Notifier, read_events: ReadEvents, read_last_seq: ReadLastSeq, batch: int
+    ) -> None:
+        self._notifier = notifier
+        self._read_events = read_events
+        self._read_last_seq = read_last_seq
+        self._batch = batch
+        self._feeds: dict[uuid.UUID, JobFeed] = {}
+
+    async def join(self, job_id: uuid.UUID) -> tuple[JobFeed, WatcherQueue]:
+        """Attach a watcher to the job's feed; events committed after this return reach it."""
+        feed = self._feeds.get(job_id)
+        if feed is None or not feed.alive:
+            feed = JobFeed(
+                job_id, self._notifier, self._read_events, self._read_last_seq, self._batch
+            )
+            self._feeds[job_id] = feed
+        watcher = WatcherQueue()
+        feed.watchers.add(watcher)
+        await feed.ready.wait()
+        return feed, watcher
+
+    def leave(self, feed: JobFeed, watcher: WatcherQueue) -> None:
+        """Detach a watcher; the feed stops with its last watcher."""
+        feed.watchers.discard(watcher)
+        if feed.watchers:
+            return
+        if self._feeds.get(feed.job_id) is feed:
+            del self._feeds[feed.job_id]
+        feed.task.cancel()
+
+    async def close(self) -> None:
+        """Stop every feed (server shutdown)."""
+        feeds = list(self._feeds.values())
+        self._feeds.clear()
+        for feed in feeds:
+            feed.task.cancel()
+        for feed in feeds:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await feed.task
+
+    def stats(self) -> dict[str, Any]:
+        """Feeds and watchers open on this replica."""
+        return {
+            "feeds": len(self._feeds),
+            "watchers": sum(len(f.watchers) for f in self._feeds.values()),
+        }

@@ -1,0 +1,491 @@
+"""The job API's decisions: validation, idempotency, transitions, paging, watching.
+
+No SQL (control.store.jobs / events) and no protobuf (the servicer converts).
+Each method opens and owns its sessions; database work runs in a shielded task
+so a caller that goes away mid-query (client cancel, deadline) never leaves a
+connection half-used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control.config import Settings
+from control.db import Database
+from control.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from control.notify import Notifier
+from control.schema import JOB_STATES, TERMINAL_STATES
+from control.services.blobs import check_blob_inputs
+from control.services.feeds import FeedHub
+from control.store import events as events_store
+from control.store import jobs as store
+from control.store.jobs import NewJob, Row
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_PARAMS_BYTES = 1024 * 1024
+MAX_TYPE_LEN = 200
+MAX_REQUEST_ID_LEN = 200
+MAX_KEY_LEN = 200
+MAX_LABELS = 64
+MAX_LABEL_KEY_LEN = 128
+MAX_LABEL_VALUE_LEN = 256
+MAX_INPUTS = 256
+MAX_INPUT_LEN = 4096
+INPUT_SCHEMES = ("blob:", "http://", "https://", "file://")
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+MAX_MAX_ATTEMPTS = 1000
+MAX_BATCH = 1000
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+#: events read per query while replaying history
+WATCH_BATCH = 500
+#: a watcher with no event for this long checks the database once (job deleted, …)
+WATCH_IDLE_CHECK_S = 30.0
+#: Cancel re-reads and retries its compare-and-set at most this often
+CANCEL_CAS_ROUNDS = 8
+
+
+@dataclass
+class JobSpec:
+    """What a client asks for (durations in ms); validated into a store.NewJob."""
+
+    type: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+    inputs: Sequence[str] = ()
+    priority: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    worker_selector: Mapping[str, str] = field(default_factory=dict)
+    concurrency_key: str = ""
+    concurrency_limit: int = 0
+    min_start_interval_ms: int = 0
+    not_before: datetime | None = None
+    timeout_ms: int = 0
+    max_attempts: int = 0
+    request_id: str = ""
+
+
+@dataclass
+class Stats:
+    """GetStats: counts per state, overall and per type, plus queue figures."""
+
+    totals: dict[str, int]
+    by_type: dict[str, dict[str, int]]
+    queue_depth: int
+    oldest_queued_age: timedelta
+    connected_workers: int
+
+
+def parse_job_id(text: str, field_name: str = "job_id") -> uuid.UUID:
+    """A job id from a request: a UUID string, else INVALID_ARGUMENT naming the field."""
+    try:
+        return uuid.UUID(text)
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidArgument(field_name, "must be a UUID") from None
+
+
+def _check_map(values: Mapping[str, str], field_name: str) -> None:
+    if len(values) > MAX_LABELS:
+        raise InvalidArgument(field_name, f"at most {MAX_LABELS} entries")
+    for key, value in values.items():
+        if not key or len(key) > MAX_LABEL_KEY_LEN:
+            raise InvalidArgument(field_name, f"keys are 1..{MAX_LABEL_KEY_LEN} characters")
+        if len(value) > MAX_LABEL_VALUE_LEN:
+            raise InvalidArgument(field_name, f"values are at most {MAX_LABEL_VALUE_LEN} chars")
+
+
+def validate_spec(spec: JobSpec, prefix: str, default_max_attempts: int) -> NewJob:
+    """Check every field of a spec (errors name `<prefix>.<field>`) and build the row to insert."""
+
+    def bad(name: str, why: str) -> InvalidArgument:
+        return InvalidArgument(f"{prefix}.{name}", why)
+
+    job_type = spec.type.strip()
+    if not job_type:
+        raise bad("type", "required")
+    if len(job_type) > MAX_TYPE_LEN:
+        raise bad("type", f"at most {MAX_TYPE_LEN} characters")
+    if not MIN_PRIORITY <= spec.priority <= MAX_PRIORITY:
+        raise bad("priority", f"must be between {MIN_PRIORITY} and {MAX_PRIORITY}")
+    params_json = json.dumps(dict(spec.params), separators=(",", ":"), sort_keys=True)
+    if len(params_json.encode()) > MAX_PARAMS_BYTES:
+        raise bad("params", f"at most {MAX_PARAMS_BYTES} bytes once serialized")
+    if len(spec.inputs) > MAX_INPUTS:
+        raise bad("inputs", f"at most {MAX_INPUTS} inputs")
+    for i, uri in enumerate(spec.inputs):
+        if not uri.startswith(INPUT_SCHEMES) or len(uri) > MAX_INPUT_LEN:
+            raise bad(f"inputs[{i}]", f"must be a URI starting with one of {INPUT_SCHEMES}")
+    _check_map(spec.labels, f"{prefix}.labels")
+    _check_map(spec.worker_selector, f"{prefix}.worker_selector")
+    if len(spec.concurrency_key) > MAX_KEY_LEN:
+        raise bad("concurrency_key", f"at most {MAX_KEY_LEN} characters")
+    if spec.concurrency_limit < 0:
+        raise bad("concurrency_limit", "must not be negative")
+    if spec.min_start_interval_ms < 0:
+        raise bad("min_start_interval", "must not be negative")
+    if spec.timeout_ms < 0:
+        raise bad("timeout", "must not be negative")
+    if spec.max_attempts < 0 or spec.max_attempts > MAX_MAX_ATTEMPTS:
+        raise bad("max_attempts", f"must be between 0 (default) and {MAX_MAX_ATTEMPTS}")
+    if len(spec.request_id) > MAX_REQUEST_ID_LEN:
+        raise bad("request_id", f"at most {MAX_REQUEST_ID_LEN} characters")
+    normalized = {
+        "type": job_type,
+        "params": json.loads(params_json),
+        "inputs": list(spec.inputs),
+        "priority": spec.priority,
+        "labels": dict(spec.labels),
+        "worker_selector": dict(spec.worker_selector),
+        "concurrency_key": spec.concurrency_key or None,
+        "concurrency_limit": spec.concurrency_limit,
+        "min_start_interval_ms": spec.min_start_interval_ms,
+        "not_before": spec.not_before,
+        "timeout_ms": spec.timeout_ms,
+        "max_attempts": spec.max_attempts or default_max_attempts,
+    }
+    # The idempotency check compares what was asked, not when or under which key.
+    digest = hashlib.sha256(
+        json.dumps(normalized, sort_keys=True, default=str).encode()
+    ).hexdigest()
+    return NewJob(
+        id=uuid.uuid4(), request_id=spec.request_id or None, spec_hash=digest, **normalized
+    )
+
+
+def encode_page_token(created_at: datetime, job_id: uuid.UUID) -> str:
+    """Opaque keyset position: base64url of {"c": created_at, "i": id}."""
+    raw = json.dumps({"c": created_at.isoformat(), "i": str(job_id)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
+    """The keyset position in a token, else INVALID_ARGUMENT page_token."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        created_at = datetime.fromisoformat(data["c"])
+        if created_at.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return created_at, uuid.UUID(data["i"])
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "malformed; pass back a next_page_token") from None
+
+
+def is_terminal_event(event: Row) -> bool:
+    """True for the STATE event that entered a terminal state."""
+    return event["kind"] == store.EVENT_STATE and event["state"] in TERMINAL_STATES
+
+
+class JobsService:
+    """Submit, read, list, cancel, retry, delete, stats and watch jobs of a tenant."""
+
+    def __init__(self, db: Database, notifier: Notifier, settings: Settings) -> None:
+        self.db = db
+        self.notifier = notifier
+        self.settings = settings
+        self.feeds = FeedHub(notifier, self._read_events, self._read_last_seq, WATCH_BATCH)
+
+    async def _tx(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run `work` in its own session and transaction, shielded from caller cancellation."""
+
+        async def run() -> T:
+            async with self.db.session() as session, session.begin():
+                return await work(session)
+
+        return await self.db.shielded(run())
+
+    async def _one(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """Like `_tx` for single statements and plain reads: autocommit, no BEGIN/COMMIT."""
+
+        async def run() -> T:
+            async with self.db.autocommit() as conn:
+                return await work(conn)
+
+        return await self.db.shielded(run())
+
+    # ------------------------------------------------------------ submit
+
+    async def submit(self, tenant: str, spec: JobSpec) -> tuple[Row, bool]:
+        """Create a QUEUED job, or return the one this request_id made (deduplicated=True)."""
+        job = validate_spec(spec, "job", self.settings.default_max_attempts)
+
+        async def work(s: AsyncSession) -> tuple[Row, bool]:
+            await check_blob_inputs(s, tenant, [("job", job.inputs)])
+            inserted = await store.insert_jobs(s, tenant, [job])
+            if inserted:
+                return inserted[0], False
+            existing = await store.get_jobs_by_request_ids(s, tenant, [job.request_id or ""])
+            row = existing.get(job.request_id or "")
+            if row is None:
+                raise FailedPrecondition("request_id raced with a delete; submit again")
+            if row["spec_hash"] != job.spec_hash:
+                raise AlreadyExists(
+                    f"request_id {job.request_id!r} was used for a different job {row['id']}",
+                    reason="REQUEST_ID_REUSED",
+                )
+            return row, True
+
+        return await self._one(work)
+
+    async def submit_batch(self, tenant: str, specs: Sequence[JobSpec]) -> list[Row]:
+        """Create many jobs in one transaction, all or nothing, in request order."""
+        if len(specs) > MAX_BATCH:
+            raise InvalidArgument("jobs", f"at most {MAX_BATCH} jobs per batch")
+        new_jobs: list[NewJob] = []
+        seen: set[str] = set()
+        for i, spec in enumerate(specs):
+            job = validate_spec(spec, f"jobs[{i}]", self.settings.default_max_attempts)
+            if job.request_id is not None:
+                if job.request_id in seen:
+                    raise InvalidArgument(f"jobs[{i}].request_id", "repeated within the batch")
+                seen.add(job.request_id)
+            new_jobs.append(job)
+
+        async def work(s: AsyncSession) -> list[Row]:
+            await check_blob_inputs(
+                s, tenant, [(f"jobs[{i}]", j.inputs) for i, j in enumerate(new_jobs)]
+            )
+            inserted = {row["id"]: row for row in await store.insert_jobs(s, tenant, new_jobs)}
+            missing = [j for j in new_jobs if j.id not in inserted]
+            existing = await store.get_jobs_by_request_ids(
+                s, tenant, [j.request_id or "" for j in missing]
+            )
+            out = []
+            for i, job in enumerate(new_jobs):
+                if job.id in inserted:
+                    out.append(inserted[job.id])
+                    continue
+                row = existing.get(job.request_id or "")
+                if row is None:
+                    raise FailedPrecondition("request_id raced with a delete; submit again")
+                if row["spec_hash"] != job.spec_hash:
+                    raise AlreadyExists(
+                        f"jobs[{i}].request_id {job.request_id!r} was used for a different job",
+                        reason="REQUEST_ID_REUSED",
+                    )
+                out.append(row)
+            return out
+
+        return await self._tx(work)
+
+    # ------------------------------------------------------------ read
+
+    async def get(self, tenant: str, job_id: uuid.UUID) -> Row:
+        """The tenant's job, else NOT_FOUND."""
+        row = await self._one(lambda s: store.get_job(s, tenant, job_id))
+        if row is None:
+            raise NotFound(f"job {job_id} not found")
+        return row
+
+    async def list_jobs(
+        self,
+        tenant: str,
+        *,
+        states: Sequence[str] = (),
+        job_type: str = "",
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[Row], str]:
+        """One page of the tenant's jobs, newest first, and the token of the next ('' at end)."""
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        for state in states:
+            if state not in JOB_STATES:
+                raise InvalidArgument("states", f"unknown state {state!r}")
+        limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = decode_page_token(page_token) if page_token else None
+        rows = await self._one(
+            lambda s: store.list_jobs(
+                s,
+                tenant,
+                states=states,
+                job_type=job_type,
+                labels=labels,
+                after=after,
+                limit=limit + 1,
+            )
+        )
+        if len(rows) <= limit:
+            return rows, ""
+        last = rows[limit - 1]
+        return rows[:limit], encode_page_token(last["created_at"], last["id"])
+
+    # ------------------------------------------------------------ transitions
+
+    async def cancel(self, tenant: str, job_id: uuid.UUID, reason: str = "") -> Row:
+        """QUEUED → CANCELED; RUNNING → cancel requested; terminal → unchanged."""
+
+        async def work(s: Any) -> Row:
+            for _ in range(CANCEL_CAS_ROUNDS):
+                job = await store.get_job(s, tenant, job_id)
+                if job is None:
+                    raise NotFound(f"job {job_id} not found")
+                if job["state"] == "queued":
+                    row = await store.cancel_queued_job(s, tenant, job_id, job["attempt"], reason)
+                elif job["state"] == "running":
+                    if job["cancel_requested"]:
+                        return job
+                    row = await store.request_cancel(s, tenant, job_id, job["attempt"], reason)
+                else:
+                    return job
+                if row is not None:
+                    return row
+                # Lost a race with a worker; re-read (a new statement sees its commit).
+            assert job is not None
+            return job
+
+        # Each compare-and-set is atomic on its own: no enclosing transaction.
+        return await self._one(work)
+
+    async def retry(self, tenant: str, job_id: uuid.UUID) -> Row:
+        """FAILED/CANCELED → QUEUED with a fresh attempt budget, else FAILED_PRECONDITION."""
+
+        async def work(s: Any) -> Row:
+            row = await store.retry_job(s, tenant, job_id)
+            if row is not None:
+                return row
+            job = await store.get_job(s, tenant, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} not found")
+            raise FailedPrecondition(
+                f"job is {job['state']}; only failed or canceled jobs can be retried",
+                reason="JOB_NOT_RETRYABLE",
+            )
+
+        return await self._one(work)
+
+    async def delete(self, tenant: str, job_id: uuid.UUID) -> None:
+        """Delete a terminal job and its history, else FAILED_PRECONDITION / NOT_FOUND."""
+
+        async def work(s: Any) -> None:
+            if await store.delete_terminal_job(s, tenant, job_id):
+                return
+            job = await store.get_job(s, tenant, job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} not found")
+            raise FailedPrecondition(
+                f"job is {job['state']}; only finished jobs can be deleted (cancel it first)",
+                reason="JOB_NOT_TERMINAL",
+            )
+
+        await self._one(work)
+
+    # ------------------------------------------------------------ stats
+
+    async def stats(self, tenant: str) -> Stats:
+        """Counts by state and type, queue depth, oldest claimable age, connected workers."""
+
+        async def work(s: Any) -> tuple[list[Row], int, datetime]:
+            return (
+                await store.job_stats(s, tenant),
+                await store.count_connected_workers(s),
+                await store.db_now(s),
+            )
+
+        rows, connected, now = await self._one(work)
+        totals = dict.fromkeys(JOB_STATES, 0)
+        by_type: dict[str, dict[str, int]] = {}
+        depth = 0
+        oldest: datetime | None = None
+        for row in rows:
+            totals[row["state"]] += row["n"]
+            by_type.setdefault(row["type"], dict.fromkeys(JOB_STATES, 0))[row["state"]] = row["n"]
+            depth += row["ready"]
+            if row["oldest"] is not None and (oldest is None or row["oldest"] < oldest):
+                oldest = row["oldest"]
+        age = max(now - oldest, timedelta(0)) if oldest is not None else timedelta(0)
+        return Stats(totals, by_type, depth, age, connected)
+
+    async def list_workers(self, tenant: str, include_disconnected: bool) -> list[Row]:
+        """Registered workers (filled by WorkerService)."""
+        return await self._one(
+            lambda s: store.list_workers(s, tenant, include_disconnected=include_disconnected)
+        )
+
+    # ------------------------------------------------------------ watch
+
+    async def _read_events(self, job_id: uuid.UUID, after_seq: int, limit: int) -> list[Row]:
+        return await self._one(
+            partial(events_store.list_events, job_id=job_id, after_seq=after_seq, limit=limit)
+        )
+
+    async def _read_last_seq(self, job_id: uuid.UUID) -> int:
+        return await self._one(partial(store.get_last_seq, job_id=job_id))
+
+    async def watch(self, tenant: str, job_id: uuid.UUID, after_seq: int) -> AsyncIterator[Row]:
+        """The job's events with seq > after_seq, then live ones; ends after the terminal event.
+
+        Catches up from the database, then takes live events from the job's
+        shared feed (one reader per job per replica, control.services.feeds),
+        going back to the database whenever the feed cannot vouch for
+        continuity (a gap in seq, an overflowed queue, a dead feed, a long
+        silence). Events are sent in seq order, each once.
+        """
+        if after_seq < 0:
+            raise InvalidArgument("after_seq", "must not be negative")
+        await self.get(tenant, job_id)
+        # Joined before the first read, so every later commit reaches us one way or the other.
+        feed, inbox = await self.feeds.join(job_id)
+        try:
+            last = after_seq
+            catch_up = True
+            while True:
+                if catch_up:
+                    catch_up = False
+                    while True:
+                        batch = await self._read_events(job_id, last, WATCH_BATCH)
+                        for event in batch:
+                            yield event
+                            last = event["seq"]
+                        if len(batch) < WATCH_BATCH:
+                            break
+                    if batch and is_terminal_event(batch[-1]):
+                        return
+                    if not batch:
+                        job = await self._one(lambda s: store.get_job(s, tenant, job_id))
+                        if job is None:
+                            return  # deleted while watched
+                        if job["state"] in TERMINAL_STATES and job["last_seq"] <= last:
+                            return
+                if not feed.alive:
+                    self.feeds.leave(feed, inbox)
+                    feed, inbox = await self.feeds.join(job_id)
+                    catch_up = True
+                    continue
+                try:
+                    event = await asyncio.wait_for(inbox.queue.get(), WATCH_IDLE_CHECK_S)
+                except TimeoutError:
+                    catch_up = True  # long silence: look at the database once
+                    continue
+                if inbox.take_lag() or event["seq"] > last + 1:
+                    catch_up = True
+                    continue
+                if event["seq"] <= last:
+                    continue
+                yield event
+                last = event["seq"]
+                if is_terminal_event(event):
+                    return
+        finally:
+            self.feeds.leave(feed, inbox)
+
+
+def stats_as_dict(stats: Stats) -> dict[str, Any]:
+    """Stats as plain data (for logs and the CLI)."""
+    return asdict(stats)

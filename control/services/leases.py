@@ -1,0 +1,113 @@
+"""Background enforcers of leases, deadlines and cancel grace periods.
+
+Every replica runs all three: each pass is a compare-and-set over rows locked
+with SKIP LOCKED, so two replicas doing the same pass at once move each job at
+most once. Each pass opens and owns its own session. The loops are named tasks
+under a small supervisor that logs a failed pass and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from control import metrics
+from control.services.dispatch import utcnow
+from control.store import leases as store
+from control.store.dispatch import Transition
+
+log = logging.getLogger(__name__)
+
+#: how often each enforcer looks (bounded below so tests with short leases stay sharp)
+MAX_REAP_INTERVAL_S = 1.0
+MIN_REAP_INTERVAL_S = 0.1
+#: pause after a failed pass (e.g. the database restarting)
+FAILED_PASS_BACKOFF_S = 1.0
+
+
+class LeaseEnforcers:
+    """The lease reaper, the deadline enforcer and the cancel-grace enforcer."""
+
+    def __init__(self, db: Any, settings: Any) -> None:
+        self.db = db
+        self.settings = settings
+        self._tasks: list[asyncio.Task[None]] = []
+        self._inflight: set[asyncio.Future[int]] = set()
+        # Check a few times per lease so an expired lease is reaped promptly.
+        self.interval_s = min(MAX_REAP_INTERVAL_S, max(MIN_REAP_INTERVAL_S, settings.lease_s / 4))
+
+    async def start(self) -> None:
+        """Start the three named loops."""
+        passes: dict[str, Callable[[], Awaitable[int]]] = {
+            "leases.reaper": self.reap_leases_once,
+            "leases.deadlines": self.enforce_deadlines_once,
+            "leases.cancel-grace": self.enforce_cancel_grace_once,
+        }
+        self._tasks = [
+            asyncio.create_task(self._supervise(name, fn), name=name) for name, fn in passes.items()
+        ]
+
+    async def stop(self) -> None:
+        """Cancel the loops and wait for them."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A pass in flight finishes (cutting a query short can leak its connection).
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._tasks = []
+
+    async def _supervise(self, name: str, one_pass: Callable[[], Awaitable[int]]) -> None:
+        while True:
+            try:
+                # A pass that moved a full batch goes again at once.
+                while await self._guarded(one_pass()) >= store.REAP_BATCH:
+                    pass
+                await asyncio.sleep(self.interval_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: pass failed", name)
+                await asyncio.sleep(FAILED_PASS_BACKOFF_S)
+
+    async def _guarded(self, coro: Awaitable[int]) -> int:
+        task = asyncio.ensure_future(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        return await asyncio.shield(task)
+
+    async def reap_leases_once(self) -> int:
+        """Requeue (or fail) RUNNING attempts whose lease passed; returns how many."""
+        async with self.db.session() as s, s.begin():
+            moved = await store.reap_expired_leases(s, utcnow())
+        _log_moves("lease expired", moved)
+        return len(moved)
+
+    async def enforce_deadlines_once(self) -> int:
+        """Fail (or retry) RUNNING attempts past their timeout; returns how many."""
+        async with self.db.session() as s, s.begin():
+            moved = await store.reap_deadlines(
+                s,
+                utcnow(),
+                backoff_base_s=self.settings.retry_backoff_base_s,
+                backoff_max_s=self.settings.retry_backoff_max_s,
+            )
+        _log_moves("deadline exceeded", moved)
+        return len(moved)
+
+    async def enforce_cancel_grace_once(self) -> int:
+        """Cancel RUNNING jobs whose cancel grace period is over; returns how many."""
+        async with self.db.session() as s, s.begin():
+            moved = await store.force_cancel_overdue(
+                s, utcnow(), grace_s=self.settings.cancel_grace_s
+            )
+        _log_moves("cancel grace over", moved)
+        return len(moved)
+
+
+def _log_moves(why: str, moved: list[Transition]) -> None:
+    for t in moved:
+        log.info("%s: job %s (worker %s) -> %s", why, t.job_id, t.worker_id, t.state)
+        if t.state in ("succeeded", "failed", "canceled"):
+            metrics.FINISHED.labels(type=t.job_type, state=t.state).inc()

@@ -1,0 +1,1 @@
+"""The data layer: every SQL statement, as named functions taking a session."""

@@ -1,0 +1,717 @@
+"""The SQL of dispatch: claiming jobs for workers and every transition a worker causes.
+
+Each function takes a session and never commits: the caller (a worker stream or
+a background task) owns the transaction. Every state change is one conditional
+UPDATE (compare-and-set on state, attempt and, for worker messages, the worker
+id) that also bumps `jobs.last_seq`, appends the matching `job_events` row and
+issues `pg_notify('spool_events', <job id>)` in the same statement, so a racing
+writer loses cleanly and a watcher always finds the event it was told about.
+
+Times come in as `now` from the caller (replicas are expected to keep their
+clocks in sync, as with any lease-based system); durations are milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control.schema import jobs
+
+log = logging.getLogger(__name__)
+
+# The statements below write job_events.kind 'state', 'progress' and 'ignored'
+# (JOB_EVENT_KIND_*; the same values as control.store.jobs).
+
+# Result columns of queries returning whole job rows, typed so JSONB decodes.
+_JOB_COLUMN_TYPES = {c.name: c.type for c in jobs.c}
+
+
+#: a jobs row as returned by the claim (column name → value)
+JobRow = Mapping[Any, Any]
+
+
+@dataclass
+class ClaimResult:
+    """What one claim produced for one worker."""
+
+    #: the jobs now RUNNING on the worker (full rows, JSONB decoded)
+    jobs: list[JobRow] = field(default_factory=list)
+    #: True when some candidates were held back by their concurrency key, so a
+    #: second claim may find other work for the credits left.
+    held_back: bool = False
+    #: earliest moment a held-back key's minimum start interval ends
+    retry_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One job moved by a worker message or a reaper."""
+
+    job_id: str
+    job_type: str
+    state: str
+    attempt: int
+    worker_id: str | None
+
+
+def ms(td: timedelta | float) -> int:
+    """A duration (timedelta or seconds) in whole milliseconds, as the schema stores them."""
+    if isinstance(td, timedelta):
+        return int(td.total_seconds() * 1000)
+    return int(td * 1000)
+
+
+def backoff_ms(attempt: int, base_s: float, max_s: float) -> int:
+    """Exponential backoff with 'equal jitter' before attempt `attempt + 1`.
+
+    The wait doubles per attempt up to `max_s`, and a random half of it is
+    dropped so a burst of failures does not retry in lockstep.
+    """
+    ceiling = min(max_s, base_s * (2 ** max(0, attempt - 1)))
+    return int(ceiling * random.uniform(0.5, 1.0) * 1000)
+
+
+# --------------------------------------------------------------------------- claim
+
+# Lock the best claimable jobs for this worker.
+#
+# Why SKIP LOCKED is safe: a row locked by another transaction is being claimed
+# (or moved) by someone else right now; skipping it only means this worker takes
+# the next-best job instead of queueing behind that lock. Nothing is lost: if
+# the other transaction rolls back, the row stays QUEUED and the next claim (woken
+# by NOTIFY or the safety-net poll) sees it. The state = 'queued' filter is
+# re-checked on the locked row (READ COMMITTED re-evaluates WHERE after locking),
+# so a row that another claim already moved to RUNNING is never claimed twice.
+#
+# Unkeyed candidates are started in the same statement (the common case: one
+# round trip). Candidates with a concurrency key are only locked here; they are
+# started by `_start_keyed` after their key rows are locked, because the
+# running count read below is a snapshot that another replica may be about to
+# change. The key filters here are a cheap pre-filter against starvation (jobs of
+# a saturated key must not fill the LIMIT); the decisive check comes later.
+_CLAIM_SQL = sa.text(
+    """
+    WITH cand AS (
+        SELECT j.id, coalesce(j.concurrency_key, '') <> '' AS keyed
+        FROM jobs AS j
+        WHERE j.state = 'queued'
+          AND j.not_before <= CAST(:now AS timestamptz)
+          AND j.type = ANY(CAST(:types AS text[]))
+          AND j.worker_selector <@ CAST(:labels AS jsonb)
+          AND (
+            coalesce(j.concurrency_key, '') = ''
+            OR (
+              (j.concurrency_limit <= 0 OR (
+                SELECT count(*) FROM jobs AS r
+                WHERE r.state = 'running' AND r.tenant = j.tenant
+                  AND r.concurrency_key = j.concurrency_key
+              ) < j.concurrency_limit)
+              AND (j.min_start_interval_ms <= 0 OR NOT EXISTS (
+                SELECT 1 FROM concurrency_keys AS k
+                WHERE k.tenant = j.tenant AND k.key = j.concurrency_key
+                  AND k.last_started_at > CAST(:now AS timestamptz)
+                      - j.min_start_interval_ms * interval '1 millisecond'
+              ))
+            )
+          )
+        ORDER BY j.priority DESC, j.created_at, j.id
+        LIMIT :limit
+        FOR UPDATE OF j SKIP LOCKED
+    ),
+    started AS (
+        UPDATE jobs AS j SET
+            state = 'running',
+            worker_id = :worker_id,
+            started_at = CAST(:now AS timestamptz),
+            updated_at = CAST(:now AS timestamptz),
+            lease_expires_at = CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond',
+            deadline_at = CASE WHEN j.timeout_ms > 0
+                THEN CAST(:now AS timestamptz) + j.timeout_ms * interval '1 millisecond' END,
+            cancel_requested = false,
+            cancel_requested_at = NULL,
+            progress = NULL,
+            last_seq = j.last_seq + 1
+        FROM cand
+        WHERE j.id = cand.id AND NOT cand.keyed
+        RETURNING j.*
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, created_at)
+        SELECT id, last_seq, 'state', 'running', attempt, worker_id, CAST(:now AS timestamptz)
+        FROM started
+    )
+    SELECT started.*, true AS started, pg_notify('spool_events', started.id::text)::text AS n
+    FROM started
+    UNION ALL
+    SELECT j.*, false, NULL
+    FROM jobs AS j JOIN cand ON cand.id = j.id
+    WHERE cand.keyed
+    """
+).columns(**_JOB_COLUMN_TYPES)
+
+# Lock (creating when missing) the concurrency_keys rows of the keys involved,
+# in a fixed order so two claims never deadlock. Every transition that makes a
+# keyed job RUNNING holds its key row's lock, so once we hold it nobody else can
+# start a job of that key until we commit. ON CONFLICT DO UPDATE reads the
+# latest committed version, so last_started_at is current.
+_LOCK_KEYS_SQL = sa.text(
+    """
+    INSERT INTO concurrency_keys (tenant, key)
+    SELECT t, k FROM unnest(CAST(:tenants AS text[]), CAST(:keys AS text[])) AS u(t, k)
+    ORDER BY t, k
+    ON CONFLICT (tenant, key) DO UPDATE SET key = EXCLUDED.key
+    RETURNING tenant, key, last_started_at
+    """
+)
+
+# Running counts per key, read in a new statement (a new snapshot) after the key
+# locks are held, so it includes every start committed before ours.
+_RUNNING_PER_KEY_SQL = sa.text(
+    """
+    SELECT tenant, concurrency_key AS key, count(*) AS running
+    FROM jobs
+    WHERE state = 'running'
+      AND (tenant, concurrency_key) IN (
+        SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:keys AS text[])))
+    GROUP BY tenant, concurrency_key
+    """
+)
+
+# Start the chosen keyed candidates (already row-locked by this transaction) and
+# stamp their keys' last start.
+_START_KEYED_SQL = sa.text(
+    """
+    WITH started AS (
+        UPDATE jobs AS j SET
+            state = 'running',
+            worker_id = :worker_id,
+            started_at = CAST(:now AS timestamptz),
+            updated_at = CAST(:now AS timestamptz),
+            lease_expires_at = CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond',
+            deadline_at = CASE WHEN j.timeout_ms > 0
+                THEN CAST(:now AS timestamptz) + j.timeout_ms * interval '1 millisecond' END,
+            cancel_requested = false,
+            cancel_requested_at = NULL,
+            progress = NULL,
+            last_seq = j.last_seq + 1
+        WHERE j.id = ANY(CAST(:ids AS uuid[])) AND j.state = 'queued'
+        RETURNING j.*
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, created_at)
+        SELECT id, last_seq, 'state', 'running', attempt, worker_id, CAST(:now AS timestamptz)
+        FROM started
+    ),
+    stamp AS (
+        UPDATE concurrency_keys AS k SET last_started_at = CAST(:now AS timestamptz)
+        FROM (SELECT DISTINCT tenant, concurrency_key FROM started) AS s
+        WHERE k.tenant = s.tenant AND k.key = s.concurrency_key
+    )
+    SELECT started.*, pg_notify('spool_events', started.id::text)::text AS n
+    FROM started
+    """
+).columns(**_JOB_COLUMN_TYPES)
+
+
+async def claim_jobs(
+    session: AsyncSession,
+    worker_id: str,
+    job_types: Sequence[str],
+    worker_labels: Mapping[str, str],
+    limit: int,
+    now: datetime,
+    *,
+    lease_s: float,
+) -> ClaimResult:
+    """Claim up to `limit` jobs for a worker and mark them RUNNING.
+
+    Best priority first, then oldest; only the worker's job types, only jobs
+    whose `worker_selector` is a subset of the worker's labels, only jobs whose
+    `not_before` has passed; per (tenant, concurrency key) at most
+    `concurrency_limit` running and starts at least `min_start_interval` apart,
+    race-free across replicas. One round trip when no candidate has a key.
+    """
+    result = ClaimResult()
+    if limit <= 0 or not job_types:
+        return result
+    args = {
+        "now": now,
+        "types": list(job_types),
+        "labels": json.dumps(dict(worker_labels)),
+        "limit": limit,
+        "worker_id": worker_id,
+        "lease_ms": ms(lease_s),
+    }
+    rows = (await session.execute(_CLAIM_SQL, args)).mappings().all()
+    keyed = [r for r in rows if not r["started"]]
+    result.jobs = [r for r in rows if r["started"]]
+    if keyed:
+        started, result.retry_at = await _start_keyed(session, keyed, args)
+        result.jobs.extend(started)
+        result.held_back = len(started) < len(keyed)
+    return result
+
+
+async def _start_keyed(
+    session: AsyncSession, candidates: Sequence[JobRow], args: dict[str, Any]
+) -> tuple[list[JobRow], datetime | None]:
+    """Start the keyed candidates their keys still allow, under the keys' row locks."""
+    now: datetime = args["now"]
+    keys = sorted({(c["tenant"], c["concurrency_key"]) for c in candidates})
+    key_args = {"tenants": [t for t, _ in keys], "keys": [k for _, k in keys]}
+    last_started = {
+        (r.tenant, r.key): r.last_started_at
+        for r in await session.execute(_LOCK_KEYS_SQL, key_args)
+    }
+    running = {
+        (r.tenant, r.key): r.running for r in await session.execute(_RUNNING_PER_KEY_SQL, key_args)
+    }
+    chosen: list[str] = []
+    retry_at: datetime | None = None
+    # Candidates arrive in claim order, so the best ones of each key win.
+    for cand in candidates:
+        key = (cand["tenant"], cand["concurrency_key"])
+        limit = cand["concurrency_limit"]
+        if limit > 0 and running.get(key, 0) >= limit:
+            continue
+        interval = timedelta(milliseconds=cand["min_start_interval_ms"])
+        last = last_started.get(key)
+        if interval and last is not None and last + interval > now:
+            opens = last + interval
+            retry_at = opens if retry_at is None else min(retry_at, opens)
+            continue
+        chosen.append(str(cand["id"]))
+        running[key] = running.get(key, 0) + 1
+        last_started[key] = now
+    if not chosen:
+        return [], retry_at
+    rows = await session.execute(_START_KEYED_SQL, {**args, "ids": chosen})
+    return list(rows.mappings().all()), retry_at
+
+
+_NEXT_DUE_SQL = sa.text(
+    """
+    SELECT min(greatest(
+        j.not_before,
+        CASE WHEN j.min_start_interval_ms > 0 AND k.last_started_at IS NOT NULL
+             THEN k.last_started_at + j.min_start_interval_ms * interval '1 millisecond'
+             ELSE j.not_before END)) AS due
+    FROM jobs AS j
+    LEFT JOIN concurrency_keys AS k ON k.tenant = j.tenant AND k.key = j.concurrency_key
+    WHERE j.state = 'queued' AND j.type = ANY(CAST(:types AS text[]))
+      AND (j.not_before > CAST(:now AS timestamptz)
+           OR k.last_started_at + j.min_start_interval_ms * interval '1 millisecond'
+              > CAST(:now AS timestamptz))
+    """
+)
+
+
+async def next_due_at(
+    session: AsyncSession, job_types: Iterable[str], now: datetime
+) -> datetime | None:
+    """When the next QUEUED job now held back by `not_before` or a key's start interval
+    becomes claimable (None if there is none): the dispatcher wakes at that moment."""
+    row = await session.execute(_NEXT_DUE_SQL, {"types": list(job_types), "now": now})
+    return row.scalar()
+
+
+# ------------------------------------------------------------- worker transitions
+
+# The compare-and-set shared by every worker message: the job must still be
+# RUNNING this very attempt on this very worker, else the message is stale.
+_CAS = "j.id = CAST(:id AS uuid) AND j.state = 'running' AND j.attempt = :attempt " + (
+    "AND j.worker_id = :worker_id"
+)
+
+# Completed: SUCCEEDED with result and outputs, or CANCELED when a cancel was
+# requested meanwhile (the result is then recorded as ignored, before the terminal
+# STATE event so the terminal event stays the last one).
+_COMPLETE_SQL = sa.text(
+    f"""
+    WITH old AS (
+        SELECT j.id, j.last_seq, j.cancel_requested FROM jobs AS j WHERE {_CAS} FOR UPDATE
+    ),
+    u AS (
+        UPDATE jobs AS j SET
+            state = CASE WHEN old.cancel_requested THEN 'canceled' ELSE 'succeeded' END,
+            result = CASE WHEN old.cancel_requested THEN NULL
+                          ELSE CAST(:result AS jsonb) END,
+            outputs = CASE WHEN old.cancel_requested THEN j.outputs
+                           ELSE CAST(:outputs AS jsonb) END,
+            finished_at = CAST(:now AS timestamptz),
+            updated_at = CAST(:now AS timestamptz),
+            lease_expires_at = NULL,
+            deadline_at = NULL,
+            last_seq = j.last_seq + CASE WHEN old.cancel_requested THEN 2 ELSE 1 END
+        FROM old WHERE j.id = old.id
+        RETURNING j.id, j.type, j.state, j.attempt, j.worker_id, j.last_seq
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, message, created_at)
+        SELECT u.id, u.last_seq - 1, 'ignored', NULL, u.attempt, u.worker_id,
+               'completion after cancel request ignored', CAST(:now AS timestamptz)
+        FROM u WHERE u.state = 'canceled'
+        UNION ALL
+        SELECT u.id, u.last_seq, 'state', u.state, u.attempt, u.worker_id, '',
+               CAST(:now AS timestamptz)
+        FROM u
+    )
+    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n FROM u
+    """
+)
+
+# Failed: back to QUEUED (attempt + 1, not_before = now + delay) when the error is
+# retryable and attempts are left, CANCELED when a cancel was requested, else FAILED.
+_FAIL_SQL = sa.text(
+    f"""
+    WITH old AS (
+        SELECT j.id, j.last_seq,
+               CASE WHEN j.cancel_requested THEN 'canceled'
+                    WHEN :retryable AND j.attempt < j.max_attempts THEN 'queued'
+                    ELSE 'failed' END AS next_state
+        FROM jobs AS j WHERE {_CAS} FOR UPDATE
+    ),
+    u AS (
+        UPDATE jobs AS j SET
+            state = old.next_state,
+            attempt = j.attempt + CASE WHEN old.next_state = 'queued' THEN 1 ELSE 0 END,
+            not_before = CASE WHEN old.next_state = 'queued'
+                THEN CAST(:now AS timestamptz) + :delay_ms * interval '1 millisecond'
+                ELSE j.not_before END,
+            worker_id = CASE WHEN old.next_state = 'queued' THEN NULL ELSE j.worker_id END,
+            progress = CASE WHEN old.next_state = 'queued' THEN NULL ELSE j.progress END,
+            error = CAST(:error AS jsonb),
+            finished_at = CASE WHEN old.next_state = 'queued' THEN NULL
+                               ELSE CAST(:now AS timestamptz) END,
+            updated_at = CAST(:now AS timestamptz),
+            lease_expires_at = NULL,
+            deadline_at = NULL,
+            last_seq = j.last_seq + 1
+        FROM old WHERE j.id = old.id
+        RETURNING j.id, j.type, j.state, j.attempt, j.error, j.last_seq
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, error, worker_id, created_at)
+        SELECT id, last_seq, 'state', state, attempt, error, :worker_id, CAST(:now AS timestamptz)
+        FROM u
+    )
+    SELECT u.id, u.type, u.state, u.attempt, :worker_id AS worker_id,
+           pg_notify('spool_events', u.id::text)::text AS n,
+           CASE WHEN u.state = 'queued'
+                THEN pg_notify('spool_jobs', u.type)::text END AS nq
+    FROM u
+    """
+)
+
+# Canceled (the handler stopped after a Cancel): CANCELED, if a cancel was requested.
+_CANCELED_SQL = sa.text(
+    f"""
+    WITH u AS (
+        UPDATE jobs AS j SET
+            state = 'canceled',
+            finished_at = CAST(:now AS timestamptz),
+            updated_at = CAST(:now AS timestamptz),
+            lease_expires_at = NULL,
+            deadline_at = NULL,
+            last_seq = j.last_seq + 1
+        WHERE {_CAS} AND j.cancel_requested
+        RETURNING j.id, j.type, j.state, j.attempt, j.worker_id, j.last_seq
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, created_at)
+        SELECT id, last_seq, 'state', state, attempt, worker_id, CAST(:now AS timestamptz)
+        FROM u
+    )
+    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n FROM u
+    """
+)
+
+# Released (drain): back to QUEUED at once with attempt + 1 (a fresh fencing
+# token) and max_attempts + 1, so a hand-back never spends the retry budget. A
+# job whose cancel was requested becomes CANCELED instead.
+_RELEASE_SQL = sa.text(
+    f"""
+    WITH old AS (
+        SELECT j.id, CASE WHEN j.cancel_requested THEN 'canceled' ELSE 'queued' END AS next_state
+        FROM jobs AS j WHERE {_CAS} FOR UPDATE
+    ),
+    u AS (
+        UPDATE jobs AS j SET
+            state = old.next_state,
+            attempt = j.attempt + CASE WHEN old.next_state = 'queued' THEN 1 ELSE 0 END,
+            max_attempts = j.max_attempts + CASE WHEN old.next_state = 'queued' THEN 1 ELSE 0 END,
+            not_before = CASE WHEN old.next_state = 'queued'
+                THEN CAST(:now AS timestamptz) ELSE j.not_before END,
+            worker_id = CASE WHEN old.next_state = 'queued' THEN NULL ELSE j.worker_id END,
+            progress = CASE WHEN old.next_state = 'queued' THEN NULL ELSE j.progress END,
+            finished_at = CASE WHEN old.next_state = 'queued' THEN NULL
+                               ELSE CAST(:now AS timestamptz) END,
+            updated_at = CAST(:now AS timestamptz),
+            lease_expires_at = NULL,
+            deadline_at = NULL,
+            last_seq = j.last_seq + 1
+        FROM old WHERE j.id = old.id
+        RETURNING j.id, j.type, j.state, j.attempt, j.last_seq
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, message, created_at)
+        SELECT id, last_seq, 'state', state, attempt, :worker_id, :message,
+               CAST(:now AS timestamptz)
+        FROM u
+    )
+    SELECT u.id, u.type, u.state, u.attempt, :worker_id AS worker_id,
+           pg_notify('spool_events', u.id::text)::text AS n,
+           CASE WHEN u.state = 'queued'
+                THEN pg_notify('spool_jobs', u.type)::text END AS nq
+    FROM u
+    """
+)
+
+# Fencing: a refused message changes nothing but the job's history, where it is
+# appended as an IGNORED event (if the job still exists).
+_IGNORED_SQL = sa.text(
+    """
+    WITH u AS (
+        UPDATE jobs SET last_seq = last_seq + 1
+        WHERE id = CAST(:id AS uuid)
+        RETURNING id, last_seq
+    )
+    INSERT INTO job_events (job_id, seq, kind, attempt, worker_id, message, created_at)
+    SELECT id, last_seq, 'ignored', :attempt, :worker_id, :message, CAST(:now AS timestamptz)
+    FROM u
+    RETURNING job_id, pg_notify('spool_events', job_id::text)::text AS n
+    """
+)
+
+
+def transition_from_row(row: Any) -> Transition:
+    """A RETURNING row (id, type, state, attempt, worker_id) as a Transition."""
+    return Transition(
+        job_id=str(row.id),
+        job_type=row.type,
+        state=row.state,
+        attempt=row.attempt,
+        worker_id=row.worker_id,
+    )
+
+
+async def record_ignored(
+    session: AsyncSession,
+    job_id: str,
+    attempt: int,
+    worker_id: str,
+    message: str,
+    now: datetime,
+) -> None:
+    """Log a refused (stale or late) worker message and append it as an IGNORED event."""
+    log.info("ignored from worker %s: job %s attempt %d: %s", worker_id, job_id, attempt, message)
+    await session.execute(
+        _IGNORED_SQL,
+        {"id": job_id, "attempt": attempt, "worker_id": worker_id, "message": message, "now": now},
+    )
+
+
+async def _cas_or_ignore(
+    session: AsyncSession,
+    sql: sa.TextClause,
+    args: dict[str, Any],
+    what: str,
+) -> Transition | None:
+    row = (await session.execute(sql, args)).first()
+    if row is not None:
+        return transition_from_row(row)
+    await record_ignored(
+        session,
+        args["id"],
+        args["attempt"],
+        args["worker_id"],
+        f"{what} for an attempt that is not running on this worker",
+        args["now"],
+    )
+    return None
+
+
+async def complete_attempt(
+    session: AsyncSession,
+    job_id: str,
+    attempt: int,
+    worker_id: str,
+    result: Mapping[str, Any] | None,
+    outputs: Sequence[str],
+    now: datetime,
+) -> Transition | None:
+    """RUNNING → SUCCEEDED (or CANCELED if cancel was requested); None when refused."""
+    args = {
+        "id": job_id,
+        "attempt": attempt,
+        "worker_id": worker_id,
+        "result": json.dumps(dict(result or {})),
+        "outputs": json.dumps(list(outputs)),
+        "now": now,
+    }
+    return await _cas_or_ignore(session, _COMPLETE_SQL, args, "completion")
+
+
+async def fail_attempt(
+    session: AsyncSession,
+    job_id: str,
+    attempt: int,
+    worker_id: str,
+    error: Mapping[str, Any],
+    now: datetime,
+    *,
+    retry_delay_s: float | None = None,
+    backoff_base_s: float = 1.0,
+    backoff_max_s: float = 60.0,
+) -> Transition | None:
+    """RUNNING → QUEUED (retry with backoff) | FAILED | CANCELED; None when refused.
+
+    `error` is the JobError as a dict (code, message, retryable); a retry waits
+    the handler's `retry_delay_s` when given, else exponential backoff with jitter.
+    """
+    if retry_delay_s is not None and retry_delay_s > 0:
+        delay_ms = ms(retry_delay_s)
+    else:
+        delay_ms = backoff_ms(attempt, backoff_base_s, backoff_max_s)
+    args = {
+        "id": job_id,
+        "attempt": attempt,
+        "worker_id": worker_id,
+        "retryable": bool(error.get("retryable")),
+        "error": json.dumps(dict(error)),
+        "delay_ms": delay_ms,
+        "now": now,
+    }
+    return await _cas_or_ignore(session, _FAIL_SQL, args, "failure")
+
+
+async def confirm_canceled(
+    session: AsyncSession, job_id: str, attempt: int, worker_id: str, now: datetime
+) -> Transition | None:
+    """RUNNING with cancel requested → CANCELED (the worker confirmed); None when refused."""
+    args = {"id": job_id, "attempt": attempt, "worker_id": worker_id, "now": now}
+    return await _cas_or_ignore(session, _CANCELED_SQL, args, "cancel confirmation")
+
+
+async def release_attempt(
+    session: AsyncSession,
+    job_id: str,
+    attempt: int,
+    worker_id: str,
+    reason: str,
+    now: datetime,
+    *,
+    by: str = "worker",
+) -> Transition | None:
+    """RUNNING → QUEUED at once, attempt + 1 without spending the budget; None when refused.
+
+    `by` says who handed it back in the event message ("worker", or "control" for
+    an assignment that never left a closing stream).
+    """
+    args = {
+        "id": job_id,
+        "attempt": attempt,
+        "worker_id": worker_id,
+        "message": f"released by {by}: {reason}" if reason else f"released by {by}",
+        "now": now,
+    }
+    return await _cas_or_ignore(session, _RELEASE_SQL, args, "release")
+
+
+# Progress of many attempts of one worker in one statement: a CAS per row on
+# (running, attempt, worker), a PROGRESS event each, a NOTIFY each.
+_PROGRESS_SQL = sa.text(
+    """
+    WITH p AS (
+        SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]),
+                             CAST(:progress AS text[])) AS p(id, attempt, progress)
+    ),
+    u AS (
+        UPDATE jobs AS j SET
+            progress = CAST(p.progress AS jsonb),
+            updated_at = CAST(:now AS timestamptz),
+            last_seq = j.last_seq + 1
+        FROM p
+        WHERE j.id = p.id AND j.attempt = p.attempt AND j.state = 'running'
+          AND j.worker_id = :worker_id
+        RETURNING j.id, j.attempt, j.progress, j.last_seq
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, attempt, progress, worker_id, created_at)
+        SELECT id, last_seq, 'progress', attempt, progress, :worker_id, CAST(:now AS timestamptz)
+        FROM u
+    )
+    SELECT u.id, pg_notify('spool_events', u.id::text)::text AS n FROM u
+    """
+)
+
+
+async def write_progress(
+    session: AsyncSession,
+    worker_id: str,
+    updates: Sequence[tuple[str, int, Mapping[str, Any]]],
+    now: datetime,
+) -> set[str]:
+    """Store the latest progress of several (job_id, attempt) of one worker.
+
+    Returns the job ids written; updates for attempts that are no longer running
+    on this worker are dropped silently (progress is not worth an IGNORED event).
+    """
+    if not updates:
+        return set()
+    args = {
+        "ids": [u[0] for u in updates],
+        "attempts": [u[1] for u in updates],
+        "progress": [json.dumps(dict(u[2])) for u in updates],
+        "worker_id": worker_id,
+        "now": now,
+    }
+    rows = await session.execute(_PROGRESS_SQL, args)
+    return {str(r.id) for r in rows}
+
+
+_EXTEND_SQL = sa.text(
+    """
+    UPDATE jobs AS j SET
+        lease_expires_at = CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond'
+    WHERE j.state = 'running' AND j.worker_id = :worker_id
+      AND (j.id, j.attempt) IN (
+        SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])))
+    RETURNING j.id, j.attempt
+    """
+)
+
+
+async def extend_leases(
+    session: AsyncSession,
+    worker_id: str,
+    refs: Iterable[tuple[str, int]],
+    now: datetime,
+    *,
+    lease_s: float,
+) -> set[tuple[str, int]]:
+    """Extend the leases of a worker's running attempts; returns the refs extended.
+
+    A ref not returned is no longer this worker's (finished, reaped, cancelled or
+    re-run elsewhere): the caller tells the worker to stop it.
+    """
+    refs = list(refs)
+    if not refs:
+        return set()
+    args = {
+        "ids": [r[0] for r in refs],
+        "attempts": [r[1] for r in refs],
+        "worker_id": worker_id,
+        "now": now,
+        "lease_ms": ms(lease_s),
+    }
+    return {(str(r.id), r.attempt) for r in await session.execute(_EXTEND_SQL, args)}

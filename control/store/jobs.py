@@ -1,0 +1,481 @@
+"""The SQL of the job API: submit, read, list, cancel, retry, delete, stats, retention.
+
+Each function takes a session and never commits: the caller owns the
+transaction. Every state change is one conditional UPDATE (compare-and-set on
+state, and attempt where the caller knows it) that bumps `jobs.last_seq`,
+appends the `job_events` row with that seq and issues
+`pg_notify('spool_events', <job id>)` in the same statement, so a racing writer
+loses cleanly and a watcher always finds the event it was woken for.
+
+Rows come back as mappings with JSONB columns decoded (dicts and lists). A
+function that is a single statement may also be given an autocommit connection
+(`Database.autocommit()`), which saves the BEGIN/COMMIT round trips.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control.schema import TERMINAL_STATES, jobs, workers
+
+#: a result row as a read-only mapping (column name -> value)
+Row = sa.RowMapping
+
+# job_events.kind values (protos: JOB_EVENT_KIND_*).
+EVENT_STATE = "state"
+EVENT_CANCEL_REQUESTED = "cancel_requested"
+#: job_events.message of the QUEUED event written by Retry; the attempt of the
+#: latest such event is where the current attempt budget started.
+RETRY_MESSAGE = "retry"
+
+# Result columns typed so JSONB and timestamps decode.
+_JOB_TYPES = {c.name: c.type for c in jobs.c}
+_WORKER_TYPES = {c.name: c.type for c in workers.c}
+_TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in TERMINAL_STATES) + ")"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """One validated job to insert (see control.services.jobs for the rules)."""
+
+    id: uuid.UUID
+    type: str
+    params: Mapping[str, Any]
+    inputs: Sequence[str]
+    priority: int
+    labels: Mapping[str, str]
+    worker_selector: Mapping[str, str]
+    concurrency_key: str | None
+    concurrency_limit: int
+    min_start_interval_ms: int
+    not_before: datetime | None
+    timeout_ms: int
+    max_attempts: int
+    request_id: str | None
+    spec_hash: str
+
+
+# ---------------------------------------------------------------- submit
+
+# Insert many jobs in one statement, each QUEUED with its seq-1 STATE event.
+# Jobs whose (tenant, request_id) already exists are skipped (the partial unique
+# index arbitrates concurrent submits: the loser waits for the winner's commit,
+# then inserts nothing); the caller reads those back by request_id. Wakes idle
+# workers with `spool_jobs` (Postgres delivers identical notifications of one
+# transaction once, so a batch sends one per type). No spool_events NOTIFY:
+# nobody can be watching a job that did not exist yet. One statement, so it
+# can run outside an explicit transaction (one round trip).
+_INSERT_JOBS_SQL = sa.text(
+    """
+    WITH spec AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:specs AS jsonb)) AS s(
+            ord int, id uuid, type text, params jsonb, inputs jsonb, priority smallint,
+            labels jsonb, worker_selector jsonb, concurrency_key text, concurrency_limit int,
+            min_start_interval_ms bigint, not_before timestamptz, timeout_ms bigint,
+            max_attempts int, request_id text, spec_hash text)
+    ),
+    ins AS (
+        INSERT INTO jobs (id, tenant, type, params, inputs, priority, labels, worker_selector,
+                          concurrency_key, concurrency_limit, min_start_interval_ms, not_before,
+                          timeout_ms, max_attempts, attempt, state, request_id, spec_hash,
+                          last_seq)
+        SELECT id, :tenant, type, params, inputs, priority, labels, worker_selector,
+               concurrency_key, concurrency_limit, min_start_interval_ms,
+               coalesce(not_before, now()), timeout_ms, max_attempts, 1, 'queued', request_id,
+               spec_hash, 1
+        FROM spec ORDER BY ord
+        ON CONFLICT (tenant, request_id) WHERE request_id IS NOT NULL DO NOTHING
+        RETURNING *
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, created_at)
+        SELECT id, 1, 'state', 'queued', 1, created_at FROM ins
+    )
+    SELECT ins.*, pg_notify('spool_jobs', ins.type)::text AS n FROM ins
+    """
+).columns(**_JOB_TYPES)
+
+
+def _spec_json(job: NewJob, ord_: int) -> dict[str, Any]:
+    return {
+        "ord": ord_,
+        "id": str(job.id),
+        "type": job.type,
+        "params": dict(job.params),
+        "inputs": list(job.inputs),
+        "priority": job.priority,
+        "labels": dict(job.labels),
+        "worker_selector": dict(job.worker_selector),
+        "concurrency_key": job.concurrency_key,
+        "concurrency_limit": job.concurrency_limit,
+        "min_start_interval_ms": job.min_start_interval_ms,
+        "not_before": job.not_before.isoformat() if job.not_before else None,
+        "timeout_ms": job.timeout_ms,
+        "max_attempts": job.max_attempts,
+        "request_id": job.request_id,
+        "spec_hash": job.spec_hash,
+    }
+
+
+async def insert_jobs(session: AsyncSession, tenant: str, new_jobs: Sequence[NewJob]) -> list[Row]:
+    """Insert QUEUED jobs (skipping request_ids the tenant already used); returns inserted rows."""
+    if not new_jobs:
+        return []
+    specs = json.dumps([_spec_json(job, i) for i, job in enumerate(new_jobs)])
+    result = await session.execute(_INSERT_JOBS_SQL, {"tenant": tenant, "specs": specs})
+    return [r._mapping for r in result]
+
+
+# Jobs of a tenant by idempotency key (to answer a repeated submit).
+_BY_REQUEST_IDS_SQL = sa.text(
+    "SELECT * FROM jobs WHERE tenant = :tenant AND request_id = ANY(CAST(:ids AS text[]))"
+).columns(**_JOB_TYPES)
+
+
+async def get_jobs_by_request_ids(
+    session: AsyncSession, tenant: str, request_ids: Iterable[str]
+) -> dict[str, Row]:
+    """request_id → job row, for those of `request_ids` the tenant already used."""
+    result = await session.execute(
+        _BY_REQUEST_IDS_SQL, {"tenant": tenant, "ids": list(request_ids)}
+    )
+    return {r._mapping["request_id"]: r._mapping for r in result}
+
+
+# ---------------------------------------------------------------- read
+
+_GET_SQL = sa.text("SELECT * FROM jobs WHERE id = :id AND tenant = :tenant").columns(**_JOB_TYPES)
+
+
+async def get_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> Row | None:
+    """The tenant's job, or None (missing and other tenants' jobs look the same)."""
+    result = await session.execute(_GET_SQL, {"id": job_id, "tenant": tenant})
+    row = result.first()
+    return row._mapping if row else None
+
+
+async def get_last_seq(session: AsyncSession, job_id: uuid.UUID) -> int:
+    """The seq of the job's latest event (0 if the job does not exist)."""
+    res = await session.execute(sa.text("SELECT last_seq FROM jobs WHERE id = :id"), {"id": job_id})
+    return int(res.scalar_one_or_none() or 0)
+
+
+async def list_jobs(
+    session: AsyncSession,
+    tenant: str,
+    *,
+    states: Sequence[str] = (),
+    job_type: str = "",
+    labels: Mapping[str, str] | None = None,
+    after: tuple[datetime, uuid.UUID] | None = None,
+    limit: int = 50,
+) -> list[Row]:
+    """The tenant's jobs newest first, after the keyset position `after` (created_at, id).
+
+    Served by ix_jobs_tenant_created; the row comparison keeps pages stable
+    while jobs are inserted (new jobs sort before the position, never into it).
+    """
+    where = ["tenant = :tenant"]
+    params: dict[str, Any] = {"tenant": tenant, "limit": limit}
+    if states:
+        where.append("state = ANY(CAST(:states AS text[]))")
+        params["states"] = list(states)
+    if job_type:
+        where.append("type = :type")
+        params["type"] = job_type
+    if labels:
+        where.append("labels @> CAST(:labels AS jsonb)")
+        params["labels"] = json.dumps(dict(labels))
+    if after is not None:
+        where.append("(created_at, id) < (CAST(:after_created AS timestamptz), :after_id)")
+        params["after_created"], params["after_id"] = after
+    sql = sa.text(
+        f"SELECT * FROM jobs WHERE {' AND '.join(where)} "
+        "ORDER BY created_at DESC, id DESC LIMIT :limit"
+    ).columns(**_JOB_TYPES)
+    result = await session.execute(sql, params)
+    return [r._mapping for r in result]
+
+
+# ---------------------------------------------------------------- transitions
+
+# The generic compare-and-set transition: from one of `from_states` (and the
+# given attempt, when known) to `to_state`, with its STATE event and NOTIFYs.
+# Used by Cancel (queued -> canceled) and by tests that play a worker.
+_TRANSITION_SQL = sa.text(
+    f"""
+    WITH u AS (
+        UPDATE jobs SET
+            state = :to_state,
+            last_seq = last_seq + 1,
+            updated_at = now(),
+            started_at = CASE WHEN :to_state = 'running' THEN now() ELSE started_at END,
+            finished_at = CASE WHEN :to_state IN {_TERMINAL_SQL} THEN now() END,
+            worker_id = coalesce(CAST(:worker_id AS text), worker_id),
+            result = coalesce(CAST(:result AS jsonb), result),
+            error = coalesce(CAST(:error AS jsonb), error),
+            lease_expires_at = NULL,
+            deadline_at = NULL
+        WHERE id = :id
+          AND state = ANY(CAST(:from_states AS text[]))
+          AND (CAST(:tenant AS text) IS NULL OR tenant = CAST(:tenant AS text))
+          AND (CAST(:attempt AS int) IS NULL OR attempt = CAST(:attempt AS int))
+        RETURNING *
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, error, worker_id, message)
+        SELECT id, last_seq, 'state', state, attempt, CAST(:error AS jsonb), worker_id, :message
+        FROM u
+    )
+    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n,
+           CASE WHEN u.state = 'queued' THEN pg_notify('spool_jobs', u.type)::text END AS nq
+    FROM u
+    """
+).columns(**_JOB_TYPES)
+
+
+async def transition_job(
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    *,
+    from_states: Sequence[str],
+    to_state: str,
+    tenant: str | None = None,
+    attempt: int | None = None,
+    worker_id: str | None = None,
+    result: Mapping[str, Any] | None = None,
+    error: Mapping[str, Any] | None = None,
+    message: str = "",
+) -> Row | None:
+    """Move a job from one of `from_states` to `to_state` if nobody moved it first.
+
+    Returns the updated row, or None when the compare-and-set lost (the job is
+    in another state or attempt, or is not the tenant's).
+    """
+    res = await session.execute(
+        _TRANSITION_SQL,
+        {
+            "id": job_id,
+            "from_states": list(from_states),
+            "to_state": to_state,
+            "tenant": tenant,
+            "attempt": attempt,
+            "worker_id": worker_id,
+            "result": json.dumps(dict(result)) if result is not None else None,
+            "error": json.dumps(dict(error)) if error is not None else None,
+            "message": message,
+        },
+    )
+    row = res.first()
+    return row._mapping if row else None
+
+
+async def cancel_queued_job(
+    session: AsyncSession, tenant: str, job_id: uuid.UUID, attempt: int, reason: str = ""
+) -> Row | None:
+    """QUEUED → CANCELED at once; None when the job is no longer QUEUED at that attempt."""
+    return await transition_job(
+        session,
+        job_id,
+        tenant=tenant,
+        from_states=("queued",),
+        to_state="canceled",
+        attempt=attempt,
+        message=reason,
+    )
+
+
+# Flag a RUNNING attempt for cancellation: the worker holding it hears of it
+# through spool_cancel and stops the handler; CANCELED follows from the worker
+# (or from the grace-period enforcer). A second request is a no-op.
+_REQUEST_CANCEL_SQL = sa.text(
+    """
+    WITH u AS (
+        UPDATE jobs SET
+            cancel_requested = true,
+            cancel_requested_at = now(),
+            updated_at = now(),
+            last_seq = last_seq + 1
+        WHERE id = :id AND tenant = :tenant AND state = 'running' AND attempt = :attempt
+          AND NOT cancel_requested
+        RETURNING *
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, message)
+        SELECT id, last_seq, 'cancel_requested', state, attempt, worker_id, :reason FROM u
+    )
+    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n,
+           pg_notify('spool_cancel', u.id::text)::text AS nc
+    FROM u
+    """
+).columns(**_JOB_TYPES)
+
+
+async def request_cancel(
+    session: AsyncSession, tenant: str, job_id: uuid.UUID, attempt: int, reason: str = ""
+) -> Row | None:
+    """Set cancel_requested on a RUNNING attempt; None if it is not running (or already asked)."""
+    res = await session.execute(
+        _REQUEST_CANCEL_SQL,
+        {"id": job_id, "tenant": tenant, "attempt": attempt, "reason": reason},
+    )
+    row = res.first()
+    return row._mapping if row else None
+
+
+# FAILED/CANCELED -> QUEUED with a fresh attempt budget. The budget B is how
+# many attempts the job had: max_attempts - (attempt where the budget started)
+# + 1, the start being the attempt of the latest Retry event (else 1). The new
+# attempt is attempt + 1 and max_attempts becomes attempt + B, so dispatch's
+# "attempt < max_attempts" rule grants B more attempts.
+_RETRY_SQL = sa.text(
+    """
+    WITH cur AS (
+        SELECT j.id, j.attempt, j.max_attempts,
+               coalesce((SELECT max(e.attempt) FROM job_events AS e
+                         WHERE e.job_id = j.id AND e.kind = 'state' AND e.state = 'queued'
+                           AND e.message = :retry_message), 1) AS budget_start
+        FROM jobs AS j
+        WHERE j.id = :id AND j.tenant = :tenant AND j.state IN ('failed', 'canceled')
+        FOR UPDATE
+    ),
+    u AS (
+        UPDATE jobs AS j SET
+            state = 'queued',
+            attempt = j.attempt + 1,
+            max_attempts = j.attempt + greatest(cur.max_attempts - cur.budget_start + 1, 1),
+            not_before = now(),
+            cancel_requested = false,
+            cancel_requested_at = NULL,
+            progress = NULL,
+            result = NULL,
+            error = NULL,
+            worker_id = NULL,
+            started_at = NULL,
+            finished_at = NULL,
+            lease_expires_at = NULL,
+            deadline_at = NULL,
+            updated_at = now(),
+            last_seq = j.last_seq + 1
+        FROM cur
+        WHERE j.id = cur.id AND j.state IN ('failed', 'canceled')
+        RETURNING j.*
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, message)
+        SELECT id, last_seq, 'state', 'queued', attempt, :retry_message FROM u
+    )
+    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n,
+           pg_notify('spool_jobs', u.type)::text AS nq
+    FROM u
+    """
+).columns(**_JOB_TYPES)
+
+
+async def retry_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> Row | None:
+    """Requeue a FAILED or CANCELED job with a fresh budget; None if it is in another state."""
+    res = await session.execute(
+        _RETRY_SQL, {"id": job_id, "tenant": tenant, "retry_message": RETRY_MESSAGE}
+    )
+    row = res.first()
+    return row._mapping if row else None
+
+
+# ---------------------------------------------------------------- delete + retention
+
+_DELETE_SQL = sa.text(
+    f"DELETE FROM jobs WHERE id = :id AND tenant = :tenant AND state IN {_TERMINAL_SQL} "
+    "RETURNING id"
+)
+
+
+async def delete_terminal_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> bool:
+    """Delete a terminal job (its events cascade); False if missing or not terminal."""
+    res = await session.execute(_DELETE_SQL, {"id": job_id, "tenant": tenant})
+    return res.first() is not None
+
+
+# Oldest-first batch of expired terminal jobs (ix_jobs_finished); SKIP LOCKED
+# so two replicas sweeping at once split the work instead of queueing.
+_SWEEP_SQL = sa.text(
+    f"""
+    DELETE FROM jobs WHERE id IN (
+        SELECT id FROM jobs
+        WHERE state IN {_TERMINAL_SQL}
+          AND finished_at < now() - CAST(:age_s AS double precision) * interval '1 second'
+        ORDER BY finished_at
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED)
+    """
+)
+
+
+async def delete_expired_jobs(session: AsyncSession, age_s: float, batch: int) -> int:
+    """Delete up to `batch` terminal jobs finished more than `age_s` ago; returns how many."""
+    res = await session.execute(_SWEEP_SQL, {"age_s": age_s, "batch": batch})
+    return cast("sa.CursorResult[Any]", res).rowcount or 0
+
+
+# ---------------------------------------------------------------- stats + workers
+
+# One pass over the tenant's jobs: counts per (type, state), and for claimable
+# QUEUED jobs their number and the oldest creation time.
+_STATS_SQL = sa.text(
+    """
+    SELECT type, state, count(*) AS n,
+           count(*) FILTER (WHERE state = 'queued' AND not_before <= now()) AS ready,
+           min(created_at) FILTER (WHERE state = 'queued' AND not_before <= now()) AS oldest,
+           now() AS db_now
+    FROM jobs WHERE tenant = :tenant
+    GROUP BY type, state
+    """
+)
+
+
+async def job_stats(session: AsyncSession, tenant: str) -> list[Row]:
+    """Per (type, state): n, ready (claimable queued), oldest (claimable), db_now."""
+    res = await session.execute(_STATS_SQL, {"tenant": tenant})
+    return [r._mapping for r in res]
+
+
+async def db_now(session: AsyncSession) -> datetime:
+    """The database's clock."""
+    return (await session.execute(sa.text("SELECT now()"))).scalar_one()
+
+
+async def count_connected_workers(session: AsyncSession) -> int:
+    """Workers connected to any replica."""
+    res = await session.execute(sa.text("SELECT count(*) FROM workers WHERE connected"))
+    return int(res.scalar_one())
+
+
+# Workers with the ids of the caller's jobs each is running.
+_LIST_WORKERS_SQL = sa.text(
+    """
+    SELECT w.*,
+           coalesce((SELECT array_agg(j.id::text ORDER BY j.started_at) FROM jobs AS j
+                     WHERE j.worker_id = w.id AND j.state = 'running' AND j.tenant = :tenant),
+                    ARRAY[]::text[]) AS running_job_ids
+    FROM workers AS w
+    WHERE w.connected OR :include_disconnected
+    ORDER BY w.id
+    """
+).columns(**_WORKER_TYPES)
+
+
+async def list_workers(
+    session: AsyncSession, tenant: str, *, include_disconnected: bool = False
+) -> list[Row]:
+    """Registered workers (connected only, unless asked), with the tenant's running job ids."""
+    res = await session.execute(
+        _LIST_WORKERS_SQL, {"tenant": tenant, "include_disconnected": include_disconnected}
+    )
+    return [r._mapping for r in res]

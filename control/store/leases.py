@@ -1,0 +1,269 @@
+"""The SQL of leases: what runs where, and the reapers that take work back.
+
+Functions take a session and never commit. The reapers lock the rows they move
+with SKIP LOCKED and move them with one conditional UPDATE each (bumping
+`last_seq`, appending the STATE event, NOTIFYing in the same statement), so
+every replica can run them at once and a job is still moved only once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from control.store.dispatch import Transition, ms, transition_from_row
+
+# Error codes the control plane sets itself (JobError.code).
+LEASE_EXPIRED = "LEASE_EXPIRED"
+DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+WORKER_LOST = "WORKER_LOST"
+
+# Reapers work in bounded batches so one transaction never locks half the table.
+REAP_BATCH = 500
+
+# The cancel sweep's safety net: attempts of these workers that should be stopped.
+_TO_CANCEL_OF_WORKERS_SQL = sa.text(
+    """
+    SELECT id, attempt, worker_id
+    FROM jobs
+    WHERE state = 'running' AND worker_id = ANY(CAST(:worker_ids AS text[]))
+      AND (cancel_requested OR deadline_at <= CAST(:now AS timestamptz))
+    """
+)
+
+
+async def attempts_to_cancel(
+    session: AsyncSession, worker_ids: Sequence[str], now: datetime
+) -> list[Any]:
+    """RUNNING attempts of these workers whose cancel was requested or whose deadline
+    passed: (id, attempt, worker_id) rows."""
+    if not worker_ids:
+        return []
+    rows = await session.execute(
+        _TO_CANCEL_OF_WORKERS_SQL, {"worker_ids": list(worker_ids), "now": now}
+    )
+    return list(rows)
+
+
+_ATTEMPT_STATUS_SQL = sa.text(
+    """
+    SELECT id, state, attempt, worker_id, cancel_requested,
+           deadline_at IS NOT NULL AND deadline_at <= CAST(:now AS timestamptz) AS overdue
+    FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))
+    """
+)
+
+
+async def attempts_to_stop(
+    session: AsyncSession,
+    worker_id: str,
+    refs: Iterable[tuple[str, int]],
+    now: datetime,
+) -> set[tuple[str, int]]:
+    """Which of a worker's attempts it should stop: cancel requested, deadline
+    passed, or no longer RUNNING as that attempt on that worker."""
+    refs = set(refs)
+    if not refs:
+        return set()
+    rows = await session.execute(
+        _ATTEMPT_STATUS_SQL, {"ids": sorted({r[0] for r in refs}), "now": now}
+    )
+    current = {str(r.id): r for r in rows}
+    stop = set()
+    for job_id, attempt in refs:
+        r = current.get(job_id)
+        if (
+            r is None
+            or (r.state, r.attempt, r.worker_id) != ("running", attempt, worker_id)
+            or r.cancel_requested
+            or r.overdue
+        ):
+            stop.add((job_id, attempt))
+    return stop
+
+
+# ---------------------------------------------------------------------- reapers
+
+# Shared shape of the reapers: pick RUNNING rows matching a condition (skipping
+# rows another replica's reaper or a worker message holds: their transition is in
+# flight), then move each to QUEUED (attempt + 1) while attempts are left, else
+# FAILED; a job whose cancel was requested becomes CANCELED instead. Then tell the
+# holder to stop (spool_cancel) and idle workers that work is back (spool_jobs).
+_REQUEUE_SQL = """
+    WITH picked AS (
+        SELECT j.id, j.worker_id AS old_worker
+        FROM jobs AS j
+        WHERE j.state = 'running' AND ({where})
+        ORDER BY j.id
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED
+    ),
+    u AS (
+        UPDATE jobs AS j SET
+            state = CASE WHEN j.cancel_requested THEN 'canceled'
+                         WHEN j.attempt < j.max_attempts THEN 'queued'
+                         ELSE 'failed' END,
+            attempt = j.attempt + CASE WHEN NOT j.cancel_requested
+                                        AND j.attempt < j.max_attempts THEN 1 ELSE 0 END,
+            not_before = CASE WHEN NOT j.cancel_requested AND j.attempt < j.max_attempts
+                THEN CAST(:now AS timestamptz) + least(:backoff_max_ms,
+                         :backoff_base_ms * power(2, j.attempt - 1))
+                     * (0.5 + random() / 2) * interval '1 millisecond'
+                ELSE j.not_before END,
+            worker_id = CASE WHEN NOT j.cancel_requested AND j.attempt < j.max_attempts
+                             THEN NULL ELSE j.worker_id END,
+            progress = CASE WHEN NOT j.cancel_requested AND j.attempt < j.max_attempts
+                            THEN NULL ELSE j.progress END,
+            error = CASE WHEN j.cancel_requested THEN j.error
+                         ELSE CAST(:error AS jsonb) END,
+            finished_at = CASE WHEN NOT j.cancel_requested AND j.attempt < j.max_attempts
+                               THEN NULL ELSE CAST(:now AS timestamptz) END,
+            updated_at = CAST(:now AS timestamptz),
+            lease_expires_at = NULL,
+            deadline_at = NULL,
+            last_seq = j.last_seq + 1
+        FROM picked
+        WHERE j.id = picked.id
+        RETURNING j.id, j.type, j.state, j.attempt, j.error, j.last_seq, picked.old_worker
+    ),
+    events AS (
+        INSERT INTO job_events
+            (job_id, seq, kind, state, attempt, error, worker_id, message, created_at)
+        SELECT id, last_seq, 'state', state, attempt, error, old_worker, :message,
+               CAST(:now AS timestamptz)
+        FROM u
+    )
+    SELECT u.id, u.type, u.state, u.attempt, u.old_worker AS worker_id,
+           pg_notify('spool_events', u.id::text)::text AS n,
+           pg_notify('spool_cancel', u.id::text)::text AS nc,
+           CASE WHEN u.state = 'queued' THEN pg_notify('spool_jobs', u.type)::text END AS nq
+    FROM u
+"""
+
+_REAP_LEASES_SQL = sa.text(
+    _REQUEUE_SQL.format(where="j.lease_expires_at < CAST(:now AS timestamptz)")
+)
+_REAP_DEADLINES_SQL = sa.text(
+    _REQUEUE_SQL.format(where="j.deadline_at <= CAST(:now AS timestamptz)")
+)
+_REQUEUE_LOST_SQL = sa.text(
+    _REQUEUE_SQL.format(
+        where="j.worker_id = :worker_id AND (j.id, j.attempt) NOT IN ("
+        "SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])))"
+    )
+)
+
+
+def _error_json(code: str, message: str, retryable: bool = True) -> str:
+    return json.dumps({"code": code, "message": message, "retryable": retryable})
+
+
+async def reap_expired_leases(
+    session: AsyncSession, now: datetime, *, batch: int = REAP_BATCH
+) -> list[Transition]:
+    """RUNNING attempts whose lease passed → QUEUED (attempt + 1, at once) or FAILED.
+
+    A lost lease is not the job's fault, so the retry starts without backoff.
+    """
+    args = {
+        "now": now,
+        "batch": batch,
+        "backoff_base_ms": 0,
+        "backoff_max_ms": 0,
+        "error": _error_json(LEASE_EXPIRED, "the worker stopped renewing its lease"),
+        "message": "lease expired",
+    }
+    return [transition_from_row(r) for r in await session.execute(_REAP_LEASES_SQL, args)]
+
+
+async def reap_deadlines(
+    session: AsyncSession,
+    now: datetime,
+    *,
+    backoff_base_s: float = 1.0,
+    backoff_max_s: float = 60.0,
+    batch: int = REAP_BATCH,
+) -> list[Transition]:
+    """RUNNING attempts past their timeout → QUEUED (with backoff) or FAILED,
+    error DEADLINE_EXCEEDED; the NOTIFY on spool_cancel makes the worker stop it."""
+    args = {
+        "now": now,
+        "batch": batch,
+        "backoff_base_ms": ms(backoff_base_s),
+        "backoff_max_ms": ms(backoff_max_s),
+        "error": _error_json(DEADLINE_EXCEEDED, "the attempt ran past its timeout"),
+        "message": "timeout",
+    }
+    return [transition_from_row(r) for r in await session.execute(_REAP_DEADLINES_SQL, args)]
+
+
+async def requeue_lost_attempts(
+    session: AsyncSession,
+    worker_id: str,
+    still_running: Iterable[tuple[str, int]],
+    now: datetime,
+) -> list[Transition]:
+    """On reconnect: the worker's RUNNING attempts it no longer reports are lost
+    (it restarted) → QUEUED (attempt + 1, at once) or FAILED, error WORKER_LOST."""
+    refs = list(still_running)
+    args = {
+        "now": now,
+        "batch": REAP_BATCH,
+        "worker_id": worker_id,
+        "ids": [r[0] for r in refs],
+        "attempts": [r[1] for r in refs],
+        "backoff_base_ms": 0,
+        "backoff_max_ms": 0,
+        "error": _error_json(WORKER_LOST, "the worker restarted without this attempt"),
+        "message": "worker lost the attempt",
+    }
+    return [transition_from_row(r) for r in await session.execute(_REQUEUE_LOST_SQL, args)]
+
+
+# Cancel requested and the grace period over: CANCELED without the worker's word.
+_FORCE_CANCEL_SQL = sa.text(
+    """
+    WITH picked AS (
+        SELECT j.id FROM jobs AS j
+        WHERE j.state = 'running' AND j.cancel_requested
+          AND j.cancel_requested_at <= CAST(:now AS timestamptz)
+              - :grace_ms * interval '1 millisecond'
+        ORDER BY j.id
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED
+    ),
+    u AS (
+        UPDATE jobs AS j SET
+            state = 'canceled',
+            finished_at = CAST(:now AS timestamptz),
+            updated_at = CAST(:now AS timestamptz),
+            lease_expires_at = NULL,
+            deadline_at = NULL,
+            last_seq = j.last_seq + 1
+        FROM picked WHERE j.id = picked.id
+        RETURNING j.id, j.type, j.state, j.attempt, j.worker_id, j.last_seq
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, message, created_at)
+        SELECT id, last_seq, 'state', state, attempt, worker_id, 'cancel grace period over',
+               CAST(:now AS timestamptz)
+        FROM u
+    )
+    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n,
+           pg_notify('spool_cancel', u.id::text)::text AS nc
+    FROM u
+    """
+)
+
+
+async def force_cancel_overdue(
+    session: AsyncSession, now: datetime, *, grace_s: float, batch: int = REAP_BATCH
+) -> list[Transition]:
+    """RUNNING jobs whose cancel was requested more than `grace_s` ago → CANCELED."""
+    args = {"now": now, "grace_ms": ms(grace_s), "batch": batch}
+    return [transition_from_row(r) for r in await session.execute(_FORCE_CANCEL_SQL, args)]

@@ -1,0 +1,68 @@
+"""The retention sweeper: deletes terminal jobs (their events cascade) past their age.
+
+One named background task per replica; several replicas sweeping at once split
+the work (SKIP LOCKED). Deletes in bounded batches, each its own short
+transaction, so it never holds many locks or one long transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from control.config import Settings
+from control.db import Database
+from control.store import jobs as store
+
+log = logging.getLogger(__name__)
+
+SWEEP_BATCH = 1000
+#: pause after a failed pass (e.g. the database restarting)
+FAILED_PASS_BACKOFF_S = 5.0
+
+
+class RetentionSweeper:
+    """Deletes jobs finished more than `settings.retention_s` ago, every sweep interval."""
+
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.retention_s = settings.retention_s
+        self.interval_s = settings.sweep_interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def sweep_once(self) -> int:
+        """Delete every expired job now, batch by batch; returns how many."""
+        total = 0
+        while True:
+            async with self.db.session() as s, s.begin():
+                deleted = await store.delete_expired_jobs(s, self.retention_s, SWEEP_BATCH)
+            total += deleted
+            if deleted < SWEEP_BATCH:
+                break
+        if total:
+            log.info("retention sweep deleted %d job(s)", total)
+        return total
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.db.shielded(self.sweep_once())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retention sweep failed")
+                await asyncio.sleep(FAILED_PASS_BACKOFF_S)
+            await asyncio.sleep(self.interval_s)
+
+    async def start(self) -> None:
+        """Start the named loop `retention-sweeper`."""
+        self._task = asyncio.create_task(self._loop(), name="retention-sweeper")
+
+    async def stop(self) -> None:
+        """Cancel the loop and wait for it."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

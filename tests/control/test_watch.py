@@ -1,0 +1,184 @@
+"""WatchProgress: replay, live events, reconnect with the last seq, many watchers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from control_support import move, submit
+from helpers import wait_until
+
+from control.config import Settings
+from control.notify import Notifier
+from control.services.jobs import JobsService
+from spool.v1 import job_pb2, job_service_pb2
+
+pb = job_service_pb2
+S = job_pb2
+
+
+class Watcher:
+    """Collects a WatchProgress stream's events in a task."""
+
+    def __init__(self, stub, job_id: str, after_seq: int = 0) -> None:
+        self.call = stub.WatchProgress(pb.WatchProgressRequest(job_id=job_id, after_seq=after_seq))
+        self.events: list[job_pb2.JobEvent] = []
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for response in self.call:
+            self.events.append(response.event)
+
+    @property
+    def seqs(self) -> list[int]:
+        return [e.seq for e in self.events]
+
+    async def wait_for_seq(self, seq: int) -> None:
+        await wait_until(lambda: self.seqs and self.seqs[-1] >= seq, timeout=10)
+
+    async def finished(self) -> None:
+        await asyncio.wait_for(self.task, 10)
+
+    async def stop(self) -> None:
+        self.call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self.task
+
+
+async def test_replay_then_live_then_end_after_terminal(jobs, db) -> None:
+    job = await submit(jobs)
+    await move(db, job.id, "queued", "running", attempt=1, worker_id="w")
+    watcher = Watcher(jobs, job.id)
+    await watcher.wait_for_seq(2)  # replayed: queued, running
+    await jobs.Cancel(pb.CancelRequest(job_id=job.id, reason="enough"))
+    await watcher.wait_for_seq(3)  # live
+    await move(db, job.id, "running", "canceled", attempt=1)
+    await watcher.finished()  # ends by itself after the terminal event
+    assert watcher.seqs == [1, 2, 3, 4]
+    kinds = [(e.kind, e.state) for e in watcher.events]
+    assert kinds == [
+        (S.JOB_EVENT_KIND_STATE, S.JOB_STATE_QUEUED),
+        (S.JOB_EVENT_KIND_STATE, S.JOB_STATE_RUNNING),
+        (S.JOB_EVENT_KIND_CANCEL_REQUESTED, S.JOB_STATE_RUNNING),
+        (S.JOB_EVENT_KIND_STATE, S.JOB_STATE_CANCELED),
+    ]
+    assert watcher.events[2].message == "enough"
+    assert watcher.events[1].worker_id == "w"
+
+
+async def test_reconnect_with_last_seq_misses_nothing_and_repeats_nothing(jobs, db) -> None:
+    job = await submit(jobs)
+    first = Watcher(jobs, job.id)
+    await first.wait_for_seq(1)
+    await move(db, job.id, "queued", "running", attempt=1)
+    await first.wait_for_seq(2)
+    await first.stop()  # the client drops
+    # Changes while nobody watches.
+    await move(db, job.id, "running", "queued", attempt=1)
+    await move(db, job.id, "queued", "running", attempt=1)
+    second = Watcher(jobs, job.id, after_seq=first.seqs[-1])
+    await second.wait_for_seq(4)
+    await move(db, job.id, "running", "succeeded", attempt=1)
+    await second.finished()
+    assert first.seqs + second.seqs == [1, 2, 3, 4, 5]
+
+
+async def test_many_watchers_see_the_same_history(jobs, db) -> None:
+    job = await submit(jobs)
+    watchers = [Watcher(jobs, job.id) for _ in range(10)]
+    for w in watchers:
+        await w.wait_for_seq(1)
+    await move(db, job.id, "queued", "running", attempt=1)
+    await move(db, job.id, "running", "failed", attempt=1, error={"code": "E", "message": "boom"})
+    for w in watchers:
+        await w.finished()
+        assert w.seqs == [1, 2, 3]
+        assert w.events[-1].error.message == "boom"
+
+
+async def test_watching_a_finished_job_replays_and_ends(jobs, db) -> None:
+    job = await submit(jobs)
+    await jobs.Cancel(pb.CancelRequest(job_id=job.id))
+    replay = Watcher(jobs, job.id)
+    await replay.finished()
+    assert replay.seqs == [1, 2]
+    past_the_end = Watcher(jobs, job.id, after_seq=2)
+    await past_the_end.finished()
+    assert past_the_end.seqs == []
+
+
+async def test_watch_of_a_retried_job_continues_past_the_old_terminal_event(jobs, db) -> None:
+    job = await submit(jobs)
+    await jobs.Cancel(pb.CancelRequest(job_id=job.id))
+    await jobs.Retry(pb.RetryRequest(job_id=job.id))
+    watcher = Watcher(jobs, job.id)
+    await watcher.wait_for_seq(3)
+    assert not watcher.task.done()
+    await jobs.Cancel(pb.CancelRequest(job_id=job.id))
+    await watcher.finished()
+    assert watcher.seqs == [1, 2, 3, 4]
+
+
+async def test_watch_bad_requests(jobs) -> None:
+    for request, code in [
+        (pb.WatchProgressRequest(job_id="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            pb.WatchProgressRequest(job_id="00000000-0000-0000-0000-000000000000"),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in jobs.WatchProgress(request):
+                pass
+        assert err.value.code() == code
+
+
+async def test_watchers_survive_a_lost_listen_connection(jobs, db, control) -> None:
+    job = await submit(jobs)
+    watcher = Watcher(jobs, job.id)
+    await watcher.wait_for_seq(1)
+    async with db.session() as s, s.begin():
+        killed = await s.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()"
+            )
+        )
+        assert killed.all(), "no LISTEN connection found"
+    await wait_until(lambda: control.notifier.reconnects == 1, timeout=10)
+    await move(db, job.id, "queued", "running", attempt=1)
+    await watcher.wait_for_seq(2)
+    await move(db, job.id, "running", "succeeded", attempt=1)
+    await watcher.finished()
+    assert watcher.seqs == [1, 2, 3]
+
+
+async def test_watchers_share_one_feed_and_a_slow_one_catches_up(jobs, db, database_url) -> None:
+    """Service level: 300 events pile up behind a watcher that stopped reading."""
+    job = await submit(jobs)
+    notifier = Notifier(db.url)
+    await notifier.start()
+    service = JobsService(db, notifier, Settings())
+    try:
+        fast = service.watch("acme", uuid.UUID(job.id), 0)
+        slow = service.watch("acme", uuid.UUID(job.id), 0)
+        assert (await anext(fast))["seq"] == 1
+        assert (await anext(slow))["seq"] == 1
+        assert service.feeds.stats() == {"feeds": 1, "watchers": 2}
+        for _ in range(150):
+            await move(db, job.id, "queued", "running", attempt=1)
+            await move(db, job.id, "running", "queued", attempt=1)
+        fast_seqs = [(await anext(fast))["seq"] for _ in range(300)]
+        await wait_until(lambda: service.feeds._feeds[uuid.UUID(job.id)]._last_seq == 301)
+        slow_seqs = [(await anext(slow))["seq"] for _ in range(300)]
+        assert fast_seqs == slow_seqs == list(range(2, 302))
+        await move(db, job.id, "queued", "canceled", attempt=1)
+        assert [e["seq"] async for e in fast] == [302]
+        assert [e["seq"] async for e in slow] == [302]
+        assert service.feeds.stats() == {"feeds": 0, "watchers": 0}
+    finally:
+        await service.feeds.close()
+        await notifier.stop()
