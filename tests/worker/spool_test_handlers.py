@@ -1,0 +1,79 @@
+"""Handlers used by the worker tests (imported in slot processes via SPOOL_WORKER_HANDLERS)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pydantic import BaseModel
+
+from worker.sdk import Handler, JobContext
+
+SETUPS = 0
+
+
+class Params(BaseModel):
+    model_config = {"extra": "allow"}
+
+
+class Probe(Handler):
+    """Reports its process and how often setup ran in it."""
+
+    name = "test.probe"
+    Params = Params
+
+    def setup(self, device: str) -> None:
+        global SETUPS
+        SETUPS += 1
+
+    def run(self, ctx: JobContext, params: Params) -> dict:
+        return {"pid": os.getpid(), "setups": SETUPS, "device": ctx.device}
+
+
+class Boom(Handler):
+    """Raises an unexpected exception."""
+
+    name = "test.boom"
+    Params = Params
+
+    def run(self, ctx: JobContext, params: Params) -> dict:
+        raise ValueError("kaboom")
+
+
+class Crash(Handler):
+    """Takes its slot process down hard."""
+
+    name = "test.crash"
+    Params = Params
+
+    def run(self, ctx: JobContext, params: Params) -> dict:
+        os._exit(3)
+
+
+class Chatty(Handler):
+    """Reports progress as fast as it can (tests coalescing)."""
+
+    name = "test.chatty"
+    Params = Params
+
+    def run(self, ctx: JobContext, params: Params) -> dict:
+        n = int(getattr(params, "n", 20000))
+        t_end = time.monotonic() + float(getattr(params, "seconds", 1.0))
+        i = 0
+        while time.monotonic() < t_end:
+            i = min(i + 1, n - 1)
+            ctx.progress(done=i, total=n, unit="items")
+        ctx.progress(done=n, total=n, unit="items", stage="final")
+        return {"n": n}
+
+
+class Writer(Handler):
+    """Copies input 0 to output "copy.txt"."""
+
+    name = "test.writer"
+    Params = Params
+
+    def run(self, ctx: JobContext, params: Params) -> dict:
+        data = ctx.input_path(0).read_bytes()
+        ctx.output_path("copy.txt").write_bytes(data)
+        return {"bytes": len(data)}
