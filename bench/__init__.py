@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.<name>` writes figures to bench/report.md."""
