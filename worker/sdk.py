@@ -21,8 +21,9 @@ A job type is one module with a `Handler` subclass::
                 ctx.progress(done=i + 1, total=10, unit="steps")
             return {"ok": True}
 
-The runtime behind `JobContext` lives in private modules (`worker._runtime`,
-`worker.testing`); handlers import only this module.
+The runtime behind `JobContext` lives in private modules (`worker._context`,
+`worker._slots`, `worker._slot_child`) and in `worker.testing` (the harness);
+handlers import only this module.
 """
 
 from __future__ import annotations

@@ -194,7 +194,15 @@ class Client:
         async def reached() -> bool:
             return (await self.state(job_id)) == state
 
-        await wait_until(reached, timeout=wait_s)
+        try:
+            await wait_until(reached, timeout=wait_s)
+        except AssertionError:
+            job = await self.get(job_id)
+            raise AssertionError(
+                f"job {job_id} not in state {state} within {wait_s}s: state={job.state} "
+                f"attempt={job.attempt}/{job.max_attempts} worker={job.worker_id!r} "
+                f"error={job.error.code}:{job.error.message}"
+            ) from None
         return await self.get(job_id)
 
 
