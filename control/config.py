@@ -170,6 +170,21 @@ class Settings:
             "SPOOL_TLS_CLIENT_CA", "PEM CA bundle; when set, clients must present a cert (mTLS)"
         ),
     )
+    # Metrics (control/metrics.py). Off by default; `make run` and compose turn it on.
+    metrics_port: int = field(
+        default=0,
+        metadata=_opt(
+            "SPOOL_METRICS_PORT", "serve Prometheus /metrics on this port (0: off; e.g. 9464)"
+        ),
+    )
+    metrics_addr: str = field(
+        default="127.0.0.1",
+        metadata=_opt("SPOOL_METRICS_ADDR", "bind address of /metrics (0.0.0.0: all interfaces)"),
+    )
+    metrics_refresh_s: float = field(
+        default=5.0,
+        metadata=_opt("SPOOL_METRICS_REFRESH", "how often queue gauges are read from Postgres"),
+    )
     log_format: str = field(
         default="text",
         metadata=_opt("SPOOL_LOG_FORMAT", "json (one JSON object a line) or text (key=value)"),

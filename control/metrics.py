@@ -4,17 +4,26 @@ Counters and histograms move where things happen (submit, dispatch, finish);
 the gauges that describe the whole queue (jobs by state, depth, oldest age,
 connected workers) are refreshed from Postgres by a background task, so every
 replica reports the same numbers and a scrape never touches the database.
+
+The registry is prometheus_client's process-global one: a process hosting
+several control planes (tests) shares the counters, and serves them once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
+from control.schema import JOB_STATES, TERMINAL_STATES
+
 log = logging.getLogger(__name__)
 
+#: default of `Settings.metrics_refresh_s`
 REFRESH_INTERVAL_S = 5.0
 
 JOBS = Gauge("spool_jobs", "Jobs by state (all tenants).", ["state"])
@@ -25,7 +34,9 @@ OLDEST_QUEUED_AGE = Gauge(
 CONNECTED_WORKERS = Gauge("spool_connected_workers", "Workers connected to any replica.")
 OPEN_STREAMS = Gauge("spool_open_streams", "Open streams on this replica.", ["kind"])
 DB_POOL_IN_USE = Gauge("spool_db_pool_in_use", "Database connections checked out.")
-DB_POOL_SIZE = Gauge("spool_db_pool_size", "Database connections held by the pool.")
+DB_POOL_SIZE = Gauge(
+    "spool_db_pool_size", "Database connections the pool holds open (in use + idle)."
+)
 
 SUBMITTED = Counter("spool_jobs_submitted_total", "Jobs submitted.", ["type"])
 DISPATCHED = Counter("spool_jobs_dispatched_total", "Attempts assigned to workers.", ["type"])
@@ -38,20 +49,66 @@ DISPATCH_LATENCY = Histogram(
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
-_started_ports: set[int] = set()
+#: the kinds of `spool_open_streams`; these and every state are present (at 0) from the start
+STREAM_KINDS = ("worker", "watch")
+for _kind in STREAM_KINDS:
+    OPEN_STREAMS.labels(kind=_kind)
+for _state in JOB_STATES:
+    JOBS.labels(state=_state)
+
+#: ports this process serves /metrics on (one endpoint per port per process)
+_servers: dict[int, Any] = {}
 
 
-def serve(port: int, addr: str = "127.0.0.1") -> None:
-    """Start the `/metrics` HTTP endpoint once per process (port 0 = disabled)."""
-    if port <= 0 or port in _started_ports:
-        return
-    start_http_server(port, addr=addr, registry=REGISTRY)
-    _started_ports.add(port)
+def count_finished(transitions: Iterable[Any]) -> None:
+    """Count the transitions (`control.store.dispatch.Transition`) that ended a job."""
+    for t in transitions:
+        if t is not None and t.state in TERMINAL_STATES:
+            FINISHED.labels(type=t.job_type, state=t.state).inc()
+
+
+def serve(port: int, addr: str = "127.0.0.1") -> bool:
+    """Start the `/metrics` HTTP endpoint (port 0 = disabled); True if this call started it.
+
+    A port this process already serves is left alone (several control planes in
+    one process share the registry). A port taken by another process raises OSError.
+    """
+    if port <= 0 or port in _servers:
+        return False
+    _servers[port] = start_http_server(port, addr=addr, registry=REGISTRY)
     log.info("metrics on http://%s:%d/metrics", addr, port)
+    return True
 
 
-async def refresh_forever(read_stats, pool=None) -> None:
-    """Refresh the queue gauges every few seconds.
+def shutdown(port: int) -> None:
+    """Stop the endpoint `serve(port)` started (no-op if none)."""
+    started = _servers.pop(port, None)
+    if started is None:
+        return
+    server, thread = started
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def apply_stats(stats: Mapping[str, Any], pool: Any = None) -> None:
+    """Set the queue gauges from one stats reading (and the pool gauges from `pool`)."""
+    for state, count in stats["by_state"].items():
+        JOBS.labels(state=state).set(count)
+    QUEUE_DEPTH.set(stats["queue_depth"])
+    OLDEST_QUEUED_AGE.set(stats["oldest_queued_age_s"])
+    CONNECTED_WORKERS.set(stats["connected_workers"])
+    if pool is not None:
+        DB_POOL_IN_USE.set(pool.checkedout())
+        DB_POOL_SIZE.set(pool.checkedin() + pool.checkedout())
+
+
+async def refresh_forever(
+    read_stats: Callable[[], Awaitable[Mapping[str, Any]]],
+    pool: Any = None,
+    interval_s: float = REFRESH_INTERVAL_S,
+) -> None:
+    """Refresh the queue gauges every `interval_s`.
 
     `read_stats` is an async callable returning a mapping with `by_state`
     (state → count), `queue_depth`, `oldest_queued_age_s` and
@@ -59,17 +116,38 @@ async def refresh_forever(read_stats, pool=None) -> None:
     """
     while True:
         try:
-            stats = await read_stats()
-            for state, count in stats["by_state"].items():
-                JOBS.labels(state=state).set(count)
-            QUEUE_DEPTH.set(stats["queue_depth"])
-            OLDEST_QUEUED_AGE.set(stats["oldest_queued_age_s"])
-            CONNECTED_WORKERS.set(stats["connected_workers"])
-            if pool is not None:
-                DB_POOL_IN_USE.set(pool.checkedout())
-                DB_POOL_SIZE.set(pool.size())
+            apply_stats(await read_stats(), pool)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("metrics refresh failed")
-        await asyncio.sleep(REFRESH_INTERVAL_S)
+        await asyncio.sleep(interval_s)
+
+
+class MetricsRefresher:
+    """The control plane component that keeps the queue gauges fresh."""
+
+    def __init__(
+        self,
+        read_stats: Callable[[], Awaitable[Mapping[str, Any]]],
+        pool: Any,
+        interval_s: float,
+    ) -> None:
+        self.read_stats = read_stats
+        self.pool = pool
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the named refresh loop."""
+        self._task = asyncio.create_task(
+            refresh_forever(self.read_stats, self.pool, self.interval_s), name="metrics.refresh"
+        )
+
+    async def stop(self) -> None:
+        """Cancel the loop and wait for it."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

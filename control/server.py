@@ -8,6 +8,9 @@ turns health NOT_SERVING, lets in-flight RPCs finish, then stops everything.
 To add a service: register its servicer in `_register_servicers` and, if it
 has background loops, an object with `async start()` / `async stop()` in
 `_components` (started after migrations, stopped before the database closes).
+
+With `metrics_port` set, Prometheus `/metrics` (control.metrics) opens with the
+gRPC port; its queue gauges are refreshed by a component once the database is up.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from control import auth, migrations
+from control import auth, metrics, migrations
 from control.config import Settings
 from control.db import Database
 from control.embedded import EmbeddedPostgres
@@ -80,6 +83,8 @@ class ControlPlane:
     started: list[Component] = field(default_factory=list)
     service_names: list[str] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the port of the /metrics endpoint this control plane started (0: none)
+    metrics_port: int = 0
     _ready_task: asyncio.Task[None] | None = None
     _stopped: bool = False
 
@@ -130,6 +135,7 @@ class ControlPlane:
             except Exception:
                 log.exception("stopping %s failed", type(component).__name__)
         await self.server.stop(grace)
+        metrics.shutdown(self.metrics_port)
         await self.notifier.stop()
         await self.db.dispose()
         if self.embedded is not None:
@@ -186,11 +192,24 @@ def _keys(settings: Settings) -> auth.KeyStore | None:
 
 def _register_servicers(cp: ControlPlane, server: grpc.aio.Server) -> None:
     """Every servicer of the control plane (and its background components)."""
-    job_service_pb2_grpc.add_JobServiceServicer_to_server(
-        JobService(cp.db, cp.notifier, cp.settings), server
-    )
+    job_service = JobService(cp.db, cp.notifier, cp.settings)
+    job_service_pb2_grpc.add_JobServiceServicer_to_server(job_service, server)
     cp.service_names.append(job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name)
     cp.components.append(RetentionSweeper(cp.db, cp.settings))
+    if cp.settings.metrics_port > 0:
+        # The queue gauges come from GetStats' own code, over every tenant.
+        async def read_stats() -> dict[str, Any]:
+            stats = await job_service.jobs.stats(None)
+            return {
+                "by_state": stats.totals,
+                "queue_depth": stats.queue_depth,
+                "oldest_queued_age_s": stats.oldest_queued_age.total_seconds(),
+                "connected_workers": stats.connected_workers,
+            }
+
+        cp.components.append(
+            metrics.MetricsRefresher(read_stats, cp.db.engine.pool, cp.settings.metrics_refresh_s)
+        )
     # Blobs (C2): the content store, its service and the blob collector.
     blobs = Blobs(cp.db, cp.settings)
     blob_service_pb2_grpc.add_BlobServiceServicer_to_server(BlobService(blobs), server)
@@ -267,12 +286,23 @@ async def start_server(
             [*cp.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
     try:
+        if metrics.serve(settings.metrics_port, settings.metrics_addr):
+            cp.metrics_port = settings.metrics_port
+    except OSError as exc:
+        await db.dispose()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+        raise RuntimeError(
+            f"cannot serve metrics on {settings.metrics_addr}:{settings.metrics_port}: {exc}"
+        ) from exc
+    try:
         if credentials is None:
             cp.port = server.add_insecure_port(settings.listen)
         else:
             cp.port = server.add_secure_port(settings.listen, credentials)
         await server.start()
     except Exception as exc:
+        metrics.shutdown(cp.metrics_port)
         await db.dispose()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)

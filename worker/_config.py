@@ -67,6 +67,9 @@ class WorkerSettings:
     keepalive_time_ms: int = KEEPALIVE_TIME_MS
     keepalive_timeout_ms: int = KEEPALIVE_TIMEOUT_MS
     log_level: str = "INFO"
+    #: Prometheus /metrics (worker.metrics); 0 = off
+    metrics_port: int = 0
+    metrics_addr: str = "127.0.0.1"
 
     def connection(self) -> dict[str, Any]:
         """What a slot process needs to reach the control plane (BlobService)."""
@@ -109,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     keepalive = int(_env("SPOOL_WORKER_KEEPALIVE_MS", str(KEEPALIVE_TIME_MS)))
     a("--keepalive-ms", type=int, default=keepalive, help="gRPC keepalive ping interval")
     a("--log-level", default=_env("SPOOL_LOG_LEVEL", "INFO"), help="DEBUG, INFO, WARNING…")
+    a("--metrics-port", type=int, default=int(_env("SPOOL_WORKER_METRICS_PORT") or 0),
+      help="serve Prometheus /metrics on this port (0: off)")  # fmt: skip
+    a("--metrics-addr", default=_env("SPOOL_WORKER_METRICS_ADDR") or "127.0.0.1",
+      help="bind address of /metrics (0.0.0.0: all interfaces)")  # fmt: skip
     return p
 
 
@@ -122,6 +129,8 @@ def settings_from_args(argv: list[str] | None = None) -> WorkerSettings:
         parser.error(f"--labels: {exc}")
     if ns.slots < 1:
         parser.error("--slots must be at least 1")
+    if not 0 <= ns.metrics_port <= 65535:
+        parser.error("--metrics-port must be between 0 (off) and 65535")
     if (ns.tls_cert or ns.tls_key) and not (ns.tls_cert and ns.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     return WorkerSettings(
@@ -144,6 +153,8 @@ def settings_from_args(argv: list[str] | None = None) -> WorkerSettings:
         workdir=ns.workdir,
         keepalive_time_ms=ns.keepalive_ms,
         log_level=ns.log_level.upper(),
+        metrics_port=ns.metrics_port,
+        metrics_addr=ns.metrics_addr,
     )
 
 

@@ -7,9 +7,11 @@ cancels through a shared `multiprocessing.Event` and, when a handler ignores
 it, kills the whole process and starts a new one.
 
 Messages child -> parent (tuples over the pipe):
-    ("ready", {"types": [...], "failed": {type: error}, "device": {...}})
+    ("ready", {"types": [...], "failed": {type: error}, "device": {...}, "cuda_memory": …})
     ("progress", job_id, attempt, progress_dict)
-    ("done", job_id, attempt, outcome_dict)
+    ("done", job_id, attempt, outcome_dict)   # outcome_dict["cuda_memory"] as in ready
+`cuda_memory` (only on CUDA) is this process's allocator figures, for the
+agent's metrics.
 Messages parent -> child: ("run", job_dict) and ("stop",).
 """
 
@@ -154,6 +156,30 @@ def resolve_device(spec: str) -> dict[str, Any]:
         "name": name,
         "memory_bytes": memory,
     }
+
+
+def cuda_memory(device: str, *, reset_peak: bool = False) -> dict[str, Any] | None:
+    """This slot's CUDA allocator figures on `device` (None off CUDA or on error).
+
+    Keys: device, allocated, reserved, peak (allocated, since the last reset).
+    """
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import torch
+
+        figures = {
+            "device": device,
+            "allocated": int(torch.cuda.memory_allocated(device)),
+            "reserved": int(torch.cuda.memory_reserved(device)),
+            "peak": int(torch.cuda.max_memory_allocated(device)),
+        }
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats(device)
+        return figures
+    except Exception:
+        log.debug("reading CUDA memory failed", exc_info=True)
+        return None
 
 
 def _import_fetch() -> Any:
@@ -335,7 +361,11 @@ def slot_main(conn: Any, cancel_event: Any, config: dict[str, Any]) -> None:
         except Exception as exc:
             log.error("setup of %s failed:\n%s", name, traceback.format_exc())
             failed[name] = f"{type(exc).__name__}: {exc}"
-    link.send(("ready", {"types": sorted(handlers), "failed": failed, "device": device_info}))
+    ready = {"types": sorted(handlers), "failed": failed, "device": device_info}
+    memory = cuda_memory(device, reset_peak=True)
+    if memory is not None:
+        ready["cuda_memory"] = memory
+    link.send(("ready", ready))
     while True:
         try:
             msg = conn.recv()
@@ -346,4 +376,8 @@ def slot_main(conn: Any, cancel_event: Any, config: dict[str, Any]) -> None:
         if msg[0] == "run":
             job = msg[1]
             outcome = _run_one(job, handlers, device, config, link, cancel_event)
+            # The peak is per job: read it, then reset it for the next one.
+            memory = cuda_memory(device, reset_peak=True)
+            if memory is not None:
+                outcome["cuda_memory"] = memory
             link.send(("done", job["job_id"], job["attempt"], outcome))

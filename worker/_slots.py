@@ -150,6 +150,10 @@ class SlotPool:
         """Slots running a job."""
         return sum(1 for s in self.slots if s.state == "busy")
 
+    def cuda_memory(self) -> list[dict[str, Any] | None]:
+        """The latest CUDA figures of each live slot (None for a slot off CUDA)."""
+        return [s.info.get("cuda_memory") for s in self.slots if s.state in ("idle", "busy")]
+
     def slot_of(self, key: JobKey) -> Slot | None:
         """The slot running job `key`, if any."""
         for s in self.slots:
@@ -230,6 +234,8 @@ class SlotPool:
             if slot.state == "busy" and slot.job == key:
                 slot.state = "idle"
                 slot.job = None
+                if "cuda_memory" in msg[3]:  # the slot's latest CUDA figures (metrics)
+                    slot.info["cuda_memory"] = msg[3]["cuda_memory"]
                 self._cb.on_done(key, msg[3])
                 self._cb.on_idle()
         elif kind == "ready":

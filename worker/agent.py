@@ -33,6 +33,7 @@ import grpc
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from spool.v1 import job_pb2, worker_service_pb2, worker_service_pb2_grpc
+from worker import metrics
 from worker._config import (
     WorkerIdentity,
     WorkerSettings,
@@ -150,7 +151,7 @@ class Agent:
             settings.slots,
             child_config,
             SlotCallbacks(
-                on_idle=self._top_up_credits, on_progress=self._on_progress, on_done=self._on_done
+                on_idle=self._on_slot_idle, on_progress=self._on_progress, on_done=self._on_done
             ),
         )
         self.jobs: dict[JobKey, JobRun] = {}
@@ -177,7 +178,19 @@ class Agent:
         if not self.worker_id:
             self._identity = WorkerIdentity(Path(self.settings.state_dir or default_state_dir()))
             self.worker_id = self._identity.acquire()
+        metrics_port = 0
         try:
+            try:
+                if metrics.serve(self.settings.metrics_port, self.settings.metrics_addr):
+                    metrics_port = self.settings.metrics_port
+            except OSError as exc:
+                raise RuntimeError(
+                    f"cannot serve metrics on {self.settings.metrics_addr}:"
+                    f"{self.settings.metrics_port}: {exc}"
+                ) from exc
+            metrics.SLOTS.set(self.settings.slots)
+            metrics.RUNNING_JOBS.set(0)
+            metrics.set_connected(False)
             ready = await self.pool.start()
             self.job_types = list(ready["types"])
             self.device = ready["device"]
@@ -202,6 +215,7 @@ class Agent:
             for run in self.jobs.values():
                 run.cancel_timers()
             await self.pool.stop()
+            metrics.shutdown(metrics_port)
             if self._identity is not None:
                 self._identity.release()
 
@@ -336,6 +350,7 @@ class Agent:
             log.info("control calls this worker %s", w.worker_id)
         self.stats["sessions"] += 1
         self._connected = True
+        metrics.set_connected(True)
         self._credits = 0
         log.info("connected to %s (replica %s, lease %.1fs, heartbeat %.1fs, %d job(s) held)",
                  self.settings.server, w.control_replica or "?", self.lease_s,
@@ -350,6 +365,7 @@ class Agent:
         if self._connected:
             log.info("disconnected; %d job(s) held", len(self.jobs))
         self._connected = False
+        metrics.set_connected(False)
         self._credits = 0
         # Progress, credits and heartbeats belong to the stream that ended.
         self._outbox = deque(o for o in self._outbox if o.durable)
@@ -396,6 +412,11 @@ class Agent:
         self._outbox.append(_Out(msg, durable, done_key))
         self._wake.set()
 
+    def _on_slot_idle(self) -> None:
+        """A slot became free: its CUDA figures changed, and it can take a job."""
+        metrics.set_gpu_memory(self.pool.cuda_memory())
+        self._top_up_credits()
+
     def _top_up_credits(self) -> None:
         """Announce idle slots not yet announced on this stream (credits are incremental)."""
         if not self._connected or self._draining:
@@ -440,6 +461,7 @@ class Agent:
                         timeout_s + LOCAL_TIMEOUT_MARGIN_S, self._on_local_timeout, key
                     )
                 log.info("job %s attempt %d (%s) started", key[0], key[1], job.type)
+                metrics.RUNNING_JOBS.set(self._unfinished())
                 return
         log.warning("releasing job %s attempt %d: %s", key[0], key[1], reason)
         self.stats["released"] += 1
@@ -485,6 +507,7 @@ class Agent:
         if run is None or run.finished:
             return
         run.latest_progress = progress
+        metrics.job_progress(key, run.job_type, progress, time.monotonic() - run.started)
         self._schedule_progress(run)
 
     def _schedule_progress(self, run: JobRun) -> None:
@@ -526,9 +549,12 @@ class Agent:
         self.stats[kind] = self.stats.get(kind, 0) + 1
         if outcome["status"] == "killed":
             self.stats["killed"] += 1
+        duration_s = time.monotonic() - run.started
+        metrics.job_finished(key, run.job_type, kind, duration_s)
+        metrics.RUNNING_JOBS.set(self._unfinished())
         log.info("job %s attempt %d %s in %.2fs", key[0], key[1],
                  kind if kind != "failed" else f"failed ({msg.failed.error.code})",
-                 time.monotonic() - run.started)  # fmt: skip
+                 duration_s)  # fmt: skip
         self._send(msg, durable=True, done_key=key)
         self._changed.set()
 

@@ -337,8 +337,7 @@ class WorkerSession:
         else:  # pragma: no cover - the servicer only builds the types above
             raise TypeError(f"unexpected message {msg!r}")
         after.append(lambda: self._forget(msg.job_id, msg.attempt))
-        if t is not None and t.state in ("succeeded", "failed", "canceled"):
-            after.append(lambda: metrics.FINISHED.labels(type=t.job_type, state=t.state).inc())
+        after.append(lambda: metrics.count_finished([t]))
 
 
 # ------------------------------------------------------------------ dispatcher
@@ -437,6 +436,7 @@ class Dispatcher:
         session.running |= kept
         for job_id, attempt in reported - kept:
             session.send_cancel(job_id, attempt, "attempt no longer leased")
+        metrics.count_finished(lost)
         if lost:
             log.info("worker %s reconnected without %d attempt(s)", hello.worker_id, len(lost))
         self.sessions[next(self._ids)] = session
@@ -547,11 +547,13 @@ class Dispatcher:
         if session.closed:
             await self._give_back(session, result.jobs)
             return result
+        sent = utcnow()
         for row in result.jobs:
             session._assign(row)
             metrics.DISPATCHED.labels(type=row["type"]).inc()
+            # Claimable since it was created, or since not_before (delays, retries, requeues).
             ready_since = max(row["created_at"], row["not_before"])
-            metrics.DISPATCH_LATENCY.observe(max(0.0, (now - ready_since).total_seconds()))
+            metrics.DISPATCH_LATENCY.observe(max(0.0, (sent - ready_since).total_seconds()))
         return result
 
     async def _claim_tx(self, session: WorkerSession, hello: Hello, now: datetime):
@@ -571,7 +573,7 @@ class Dispatcher:
         if not rows:
             return
         async with self.db.session() as s, s.begin():
-            for row in rows:
+            moved = [
                 await store.release_attempt(
                     s,
                     str(row["id"]),
@@ -581,6 +583,10 @@ class Dispatcher:
                     utcnow(),
                     by="control",
                 )
+                for row in rows
+            ]
+        # A cancel requested meanwhile makes the release a CANCELED.
+        metrics.count_finished(moved)
 
     async def _jobs_hints(self, sub: Any) -> None:
         async for _ in sub:

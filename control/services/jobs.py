@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control import metrics
 from control.config import Settings
 from control.db import Database
 from control.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -240,7 +241,10 @@ class JobsService:
                 )
             return row, True
 
-        return await self._one(work)
+        row, deduplicated = await self._one(work)
+        if not deduplicated:
+            metrics.SUBMITTED.labels(type=row["type"]).inc()
+        return row, deduplicated
 
     async def submit_batch(self, tenant: str, specs: Sequence[JobSpec]) -> list[Row]:
         """Create many jobs in one transaction, all or nothing, in request order."""
@@ -281,7 +285,13 @@ class JobsService:
                 out.append(row)
             return out
 
-        return await self._tx(work)
+        rows = await self._tx(work)
+        # Committed: count the jobs this batch created (not the deduplicated ones).
+        created = {job.id for job in new_jobs}
+        for row in rows:
+            if row["id"] in created:
+                metrics.SUBMITTED.labels(type=row["type"]).inc()
+        return rows
 
     # ------------------------------------------------------------ read
 
@@ -338,6 +348,8 @@ class JobsService:
                     raise NotFound(f"job {job_id} not found")
                 if job["state"] == "queued":
                     row = await store.cancel_queued_job(s, tenant, job_id, job["attempt"], reason)
+                    if row is not None:  # committed (autocommit): the job ended here
+                        metrics.FINISHED.labels(type=row["type"], state=row["state"]).inc()
                 elif job["state"] == "running":
                     if job["cancel_requested"]:
                         return job
@@ -388,8 +400,11 @@ class JobsService:
 
     # ------------------------------------------------------------ stats
 
-    async def stats(self, tenant: str) -> Stats:
-        """Counts by state and type, queue depth, oldest claimable age, connected workers."""
+    async def stats(self, tenant: str | None) -> Stats:
+        """Counts by state and type, queue depth, oldest claimable age, connected workers.
+
+        `tenant` None: every tenant's jobs (the control plane's metrics).
+        """
 
         async def work(s: Any) -> tuple[list[Row], int, datetime]:
             return (
@@ -442,6 +457,7 @@ class JobsService:
         await self.get(tenant, job_id)
         # Joined before the first read, so every later commit reaches us one way or the other.
         feed, inbox = await self.feeds.join(job_id)
+        metrics.OPEN_STREAMS.labels(kind="watch").inc()
         try:
             last = after_seq
             catch_up = True
@@ -483,6 +499,7 @@ class JobsService:
                 if is_terminal_event(event):
                     return
         finally:
+            metrics.OPEN_STREAMS.labels(kind="watch").dec()
             self.feeds.leave(feed, inbox)
 
 

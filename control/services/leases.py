@@ -109,5 +109,4 @@ class LeaseEnforcers:
 def _log_moves(why: str, moved: list[Transition]) -> None:
     for t in moved:
         log.info("%s: job %s (worker %s) -> %s", why, t.job_id, t.worker_id, t.state)
-        if t.state in ("succeeded", "failed", "canceled"):
-            metrics.FINISHED.labels(type=t.job_type, state=t.state).inc()
+    metrics.count_finished(moved)

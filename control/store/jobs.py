@@ -440,9 +440,28 @@ _STATS_SQL = sa.text(
 )
 
 
-async def job_stats(session: AsyncSession, tenant: str) -> list[Row]:
-    """Per (type, state): n, ready (claimable queued), oldest (claimable), db_now."""
-    res = await session.execute(_STATS_SQL, {"tenant": tenant})
+# The same over every tenant (the control plane's own metrics).
+_STATS_ALL_TENANTS_SQL = sa.text(
+    """
+    SELECT type, state, count(*) AS n,
+           count(*) FILTER (WHERE state = 'queued' AND not_before <= now()) AS ready,
+           min(created_at) FILTER (WHERE state = 'queued' AND not_before <= now()) AS oldest,
+           now() AS db_now
+    FROM jobs
+    GROUP BY type, state
+    """
+)
+
+
+async def job_stats(session: AsyncSession, tenant: str | None) -> list[Row]:
+    """Per (type, state): n, ready (claimable queued), oldest (claimable), db_now.
+
+    `tenant` None counts every tenant's jobs.
+    """
+    if tenant is None:
+        res = await session.execute(_STATS_ALL_TENANTS_SQL)
+    else:
+        res = await session.execute(_STATS_SQL, {"tenant": tenant})
     return [r._mapping for r in res]
 
 

@@ -72,7 +72,8 @@ def test_every_spool_variable_is_read_by_the_code(compose: dict[str, Any]) -> No
 
 def test_ports_match_the_defaults(compose: dict[str, Any]) -> None:
     control = compose["services"]["control"]
-    (published,) = control["ports"]
+    # The gRPC port (the other one published is /metrics, tests/metrics/test_metrics.py).
+    (published,) = [p for p in control["ports"] if not str(p).startswith("127.0.0.1:")]
     host_port, container_port = (int(p) for p in str(published).split(":"))
     default_port = int(Settings().listen.rsplit(":", 1)[1])
     listen = _env(control)["SPOOL_LISTEN"]
