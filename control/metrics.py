@@ -11,20 +11,16 @@ several control planes (tests) shares the counters, and serves them once.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
+from control.periodic import Periodic
 from control.schema import JOB_STATES, TERMINAL_STATES
 
 log = logging.getLogger(__name__)
-
-#: default of `Settings.metrics_refresh_s`
-REFRESH_INTERVAL_S = 5.0
 
 JOBS = Gauge("spool_jobs", "Jobs by state (all tenants).", ["state"])
 QUEUE_DEPTH = Gauge("spool_queue_depth", "QUEUED jobs whose not_before has passed.")
@@ -103,29 +99,13 @@ def apply_stats(stats: Mapping[str, Any], pool: Any = None) -> None:
         DB_POOL_SIZE.set(pool.checkedin() + pool.checkedout())
 
 
-async def refresh_forever(
-    read_stats: Callable[[], Awaitable[Mapping[str, Any]]],
-    pool: Any = None,
-    interval_s: float = REFRESH_INTERVAL_S,
-) -> None:
-    """Refresh the queue gauges every `interval_s`.
+class MetricsRefresher:
+    """The control plane component that keeps the queue gauges fresh.
 
     `read_stats` is an async callable returning a mapping with `by_state`
     (state → count), `queue_depth`, `oldest_queued_age_s` and
     `connected_workers`; it opens and owns its own session.
     """
-    while True:
-        try:
-            apply_stats(await read_stats(), pool)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("metrics refresh failed")
-        await asyncio.sleep(interval_s)
-
-
-class MetricsRefresher:
-    """The control plane component that keeps the queue gauges fresh."""
 
     def __init__(
         self,
@@ -135,19 +115,16 @@ class MetricsRefresher:
     ) -> None:
         self.read_stats = read_stats
         self.pool = pool
-        self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("metrics.refresh", self.refresh_once, interval_s)
+
+    async def refresh_once(self) -> None:
+        """Read the stats once and set the gauges."""
+        apply_stats(await self.read_stats(), self.pool)
 
     async def start(self) -> None:
         """Start the named refresh loop."""
-        self._task = asyncio.create_task(
-            refresh_forever(self.read_stats, self.pool, self.interval_s), name="metrics.refresh"
-        )
+        await self._loop.start()
 
     async def stop(self) -> None:
-        """Cancel the loop and wait for it."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the loop (a refresh in flight finishes)."""
+        await self._loop.stop()

@@ -7,19 +7,16 @@ transaction, so it never holds many locks or one long transaction.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from control.config import Settings
 from control.db import Database
+from control.periodic import Periodic
 from control.store import jobs as store
 
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 1000
-#: pause after a failed pass (e.g. the database restarting)
-FAILED_PASS_BACKOFF_S = 5.0
 
 
 class RetentionSweeper:
@@ -29,7 +26,7 @@ class RetentionSweeper:
         self.db = db
         self.retention_s = settings.retention_s
         self.interval_s = settings.sweep_interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("retention-sweeper", self.sweep_once, self.interval_s)
 
     async def sweep_once(self) -> int:
         """Delete every expired job now, batch by batch; returns how many."""
@@ -44,25 +41,10 @@ class RetentionSweeper:
             log.info("retention sweep deleted %d job(s)", total)
         return total
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.db.shielded(self.sweep_once())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("retention sweep failed")
-                await asyncio.sleep(FAILED_PASS_BACKOFF_S)
-            await asyncio.sleep(self.interval_s)
-
     async def start(self) -> None:
         """Start the named loop `retention-sweeper`."""
-        self._task = asyncio.create_task(self._loop(), name="retention-sweeper")
+        await self._loop.start()
 
     async def stop(self) -> None:
-        """Cancel the loop and wait for it."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the loop (a sweep in flight finishes)."""
+        await self._loop.stop()

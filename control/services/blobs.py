@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from control.blobstore import CHUNK_BYTES, BlobStore, PartialUpload, is_sha256, 
 from control.config import Settings
 from control.db import Database
 from control.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from control.periodic import Periodic
 from control.store import blobs as store
 
 log = logging.getLogger(__name__)
@@ -346,31 +346,17 @@ class BlobCollector:
 
     def __init__(self, blobs: Blobs) -> None:
         self.blobs = blobs
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic(
+            "control.blob_gc", blobs.collect_garbage, blobs.settings.blob_gc_interval_s
+        )
 
     async def start(self) -> None:
         """Start the loop."""
-        self._task = asyncio.create_task(self._run(), name="control.blob_gc")
+        await self._loop.start()
 
     async def stop(self) -> None:
-        """Stop the loop and wait for it."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        interval = self.blobs.settings.blob_gc_interval_s
-        while True:
-            started = time.monotonic()
-            try:
-                await self.blobs.collect_garbage()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("blob garbage collection failed")
-            await asyncio.sleep(max(interval - (time.monotonic() - started), 1.0))
+        """Stop the loop (a collection in flight finishes)."""
+        await self._loop.stop()
 
 
 async def check_blob_inputs(

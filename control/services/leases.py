@@ -3,7 +3,7 @@
 Every replica runs all three: each pass is a compare-and-set over rows locked
 with SKIP LOCKED, so two replicas doing the same pass at once move each job at
 most once. Each pass opens and owns its own session. The loops are named tasks
-under a small supervisor that logs a failed pass and carries on.
+(`control.periodic`) that log a failed pass and carry on.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from control import metrics
+from control.periodic import Periodic
 from control.services.dispatch import utcnow
 from control.store import leases as store
 from control.store.dispatch import Transition
@@ -33,49 +34,33 @@ class LeaseEnforcers:
     def __init__(self, db: Any, settings: Any) -> None:
         self.db = db
         self.settings = settings
-        self._tasks: list[asyncio.Task[None]] = []
-        self._inflight: set[asyncio.Future[int]] = set()
         # Check a few times per lease so an expired lease is reaped promptly.
         self.interval_s = min(MAX_REAP_INTERVAL_S, max(MIN_REAP_INTERVAL_S, settings.lease_s / 4))
-
-    async def start(self) -> None:
-        """Start the three named loops."""
         passes: dict[str, Callable[[], Awaitable[int]]] = {
             "leases.reaper": self.reap_leases_once,
             "leases.deadlines": self.enforce_deadlines_once,
             "leases.cancel-grace": self.enforce_cancel_grace_once,
         }
-        self._tasks = [
-            asyncio.create_task(self._supervise(name, fn), name=name) for name, fn in passes.items()
+        # A pass that moved a full batch goes again at once.
+        self._loops = [
+            Periodic(
+                name,
+                one_pass,
+                self.interval_s,
+                again=lambda moved: moved >= store.REAP_BATCH,
+                failed_backoff_s=FAILED_PASS_BACKOFF_S,
+            )
+            for name, one_pass in passes.items()
         ]
 
+    async def start(self) -> None:
+        """Start the three named loops."""
+        for loop in self._loops:
+            await loop.start()
+
     async def stop(self) -> None:
-        """Cancel the loops and wait for them."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        # A pass in flight finishes (cutting a query short can leak its connection).
-        await asyncio.gather(*self._inflight, return_exceptions=True)
-        self._tasks = []
-
-    async def _supervise(self, name: str, one_pass: Callable[[], Awaitable[int]]) -> None:
-        while True:
-            try:
-                # A pass that moved a full batch goes again at once.
-                while await self._guarded(one_pass()) >= store.REAP_BATCH:
-                    pass
-                await asyncio.sleep(self.interval_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("%s: pass failed", name)
-                await asyncio.sleep(FAILED_PASS_BACKOFF_S)
-
-    async def _guarded(self, coro: Awaitable[int]) -> int:
-        task = asyncio.ensure_future(coro)
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-        return await asyncio.shield(task)
+        """Stop the loops (a pass in flight finishes: cutting a query short can leak it)."""
+        await asyncio.gather(*(loop.stop() for loop in self._loops))
 
     async def reap_leases_once(self) -> int:
         """Requeue (or fail) RUNNING attempts whose lease passed; returns how many."""
