@@ -93,7 +93,12 @@ def probe(path: str | Path) -> VideoInfo:
     except PermanentError:
         raise
     except (av.FFmpegError, ValueError, OSError, StopIteration) as exc:
-        raise bad_video(f"{Path(path).name}: not a readable video ({exc})") from exc
+        raise bad_video(f"{Path(path).name}: not a readable video ({_reason(exc)})") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """FFmpeg's own words for a failure, without the worker's local path."""
+    return getattr(exc, "strerror", None) or type(exc).__name__
 
 
 def demux(path: str | Path, *, want_audio: bool = True) -> Iterator[tuple[str, Any]]:
@@ -104,7 +109,7 @@ def demux(path: str | Path, *, want_audio: bool = True) -> Iterator[tuple[str, A
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError) as exc:
-        raise bad_video(f"{Path(path).name}: not a readable video ({exc})") from exc
+        raise bad_video(f"{Path(path).name}: not a readable video ({_reason(exc)})") from exc
     try:
         vs = container.streams.video[0]
         vs.thread_type = "AUTO"
