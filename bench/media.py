@@ -2,6 +2,7 @@
 
     python -m bench.media                 # 720p + 1080p fps, RSS of a 2-minute 720p clip
     python -m bench.media --frames 120    # shorter clips
+    python -m bench.media --reps 5        # more alternating runs of each side (default 3)
     python -m bench.media --no-report     # do not append to bench/report.md
 
 For each size, one clip with a static semi-transparent logo is generated
@@ -9,9 +10,18 @@ For each size, one clip with a static semi-transparent logo is generated
 stays quick), then timed end to end:
 
 - spool: the `video.remove_overlay` handler (template mode, default hybrid,
-  H.264 veryfast crf 20 out), both passes included;
+  H.264 veryfast crf 20 out), everything included (probe, locating, matte,
+  restore, encode);
 - naive: one thread, decode → RGB → `cv2.inpaint` (Telea, radius 3) of the
   mark's region on the frame → encode with the same encoder settings.
+
+Both encode with PyAV's libx264, `preset=veryfast`, `crf=20`, yuv420p, the
+encoder's default threads. The machine is shared and noisy, so the two sides
+alternate (naive, spool, naive, spool, ...) `--reps` times on the same clip;
+the table gives the median frames/s of each side, the median and range of
+the per-pair ratios (each pair ran back to back, so shares the machine's
+load of the moment), and CPU ms per frame (all threads of this process,
+which noise from other processes barely moves).
 
 Peak RSS (VmHWM) is measured in fresh subprocesses running the handler on a 2-minute
 720p clip and on a 30-second one (flat memory: both about the same).
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,19 +69,20 @@ def run_spool(video: Path, template: Path, workdir: Path) -> dict:
 
     handler = RemoveOverlay()
     handler.setup("cpu")  # imports torch: a once-per-worker cost, not a per-job one
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     res = run_handler(handler, {}, inputs=[video, template], workdir=workdir)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if res.error is not None:
         raise RuntimeError(f"{res.error.message}\n{res.traceback}")
     report = json.loads(res.outputs["report.json"].read_text())
-    return {"fps": res.result["frames"] / wall, "wall_s": wall, "stages": report["stages"]}
+    n = res.result["frames"]
+    return {"fps": n / wall, "wall_s": wall, "cpu_ms": 1000 * cpu / n, "stages": report["stages"]}
 
 
 def run_naive(video: Path, out: Path, box: tuple) -> dict:
     """decode → cv2.inpaint on the frame → encode, in one thread."""
     y, x, h, w = box
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     n = 0
     with av.open(str(video)) as src, av.open(str(out), "w") as dst:
         vin = src.streams.video[0]
@@ -89,8 +101,8 @@ def run_naive(video: Path, out: Path, box: tuple) -> dict:
             n += 1
         for p in vs.encode():
             dst.mux(p)
-    wall = time.perf_counter() - t0
-    return {"fps": n / wall, "wall_s": wall}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"fps": n / wall, "wall_s": wall, "cpu_ms": 1000 * cpu / n}
 
 
 _RSS_CHILD = """
@@ -126,11 +138,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=240, help="frames per speed clip")
     ap.add_argument("--rss-seconds", type=int, default=120, help="length of the RSS clip")
+    ap.add_argument("--reps", type=int, default=3, help="alternating runs of each side")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args(argv)
     lines = [
-        "| clip | frames | spool fps | naive fps | ratio | spool stages (fps) |",
-        "|---|---:|---:|---:|---:|---|",
+        "| clip | frames | spool fps | naive fps | ratio: median (range) of pairs "
+        "| CPU ms/frame spool / naive "
+        "| spool stages (fps, last run) |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     with tempfile.TemporaryDirectory(prefix="spool-bench-media-") as tmp:
         tmpd = Path(tmp)
@@ -138,17 +153,35 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             video, png, box = make_clip(tmpd / f"{name}.mp4", args.frames, h, w)
             gen_s = time.perf_counter() - t0
-            naive = run_naive(video, tmpd / f"{name}-naive.mp4", box)
-            spool = run_spool(video, png, tmpd / f"{name}-spool")
-            st = spool["stages"]
-            stage_txt = (
-                f"analyse {st['analyse']['end_to_end_fps']}, restore "
-                f"{st['restore']['end_to_end_fps']} (decode {st['restore']['decode_fps']}, "
-                f"compute {st['restore']['compute_fps']}, encode {st['restore']['encode_fps']})"
+            naives, spools = [], []
+            for rep in range(args.reps):
+                naives.append(run_naive(video, tmpd / f"{name}-naive.mp4", box))
+                spools.append(run_spool(video, png, tmpd / f"{name}-spool{rep}"))
+                print(
+                    f"  {name} run {rep + 1}: spool {spools[-1]['fps']:.1f} fps, "
+                    f"naive {naives[-1]['fps']:.1f} fps",
+                    flush=True,
+                )
+            sp = statistics.median(r["fps"] for r in spools)
+            nv = statistics.median(r["fps"] for r in naives)
+            pairs = [s["fps"] / n["fps"] for s, n in zip(spools, naives, strict=True)]
+            st = spools[-1]["stages"]
+            rs = st["restore"]
+            an = st["analyse"]
+            analyse = (
+                f"analyse in the same pass ({an['frames']} frames held, matte {an['matte_s']} s)"
+                if an.get("in_restore_pass")
+                else f"analyse {an['end_to_end_fps']}"
             )
+            stage_txt = (
+                f"{analyse}, restore {rs['end_to_end_fps']} (decode {rs['decode_fps']}, "
+                f"compute {rs['compute_fps']}, encode {rs['encode_fps']})"
+            )
+            cpu_s = statistics.median(r["cpu_ms"] for r in spools)
+            cpu_n = statistics.median(r["cpu_ms"] for r in naives)
             lines.append(
-                f"| {name} | {args.frames} | {spool['fps']:.1f} | {naive['fps']:.1f} | "
-                f"{spool['fps'] / naive['fps']:.2f}x | {stage_txt} |"
+                f"| {name} | {args.frames} | {sp:.1f} | {nv:.1f} | {statistics.median(pairs):.2f}x "
+                f"({min(pairs):.2f}-{max(pairs):.2f}) | {cpu_s:.1f} / {cpu_n:.1f} | {stage_txt} |"
             )
             print(lines[-1], f"(clip generated in {gen_s:.1f} s)", flush=True)
         rss_lines = ["| clip | frames | peak RSS MB | wall s |", "|---|---:|---:|---:|"]
@@ -159,11 +192,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"| 720p {seconds} s | {r['frames']} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} |"
             )
             print(rss_lines[-1], flush=True)
+    cmd = "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
     text = (
         f"\n## Overlay removal speed and memory ({time.strftime('%Y-%m-%d %H:%M')} UTC)\n\n"
-        f"`python -m bench.media{'' if argv is None else ' ' + ' '.join(argv)}` on this "
-        f"machine; spool = `video.remove_overlay` (template, hybrid, both passes), naive = "
-        f"one-thread decode → cv2.inpaint → encode, same encoder (libx264 veryfast crf 20).\n\n"
+        f"`python -m bench.media{cmd}` on this "
+        f"machine; spool = `video.remove_overlay` (template, hybrid, whole job), naive = "
+        f"one-thread decode → cv2.inpaint → encode, same encoder (PyAV libx264 veryfast "
+        f"crf 20, default threads); {args.reps} alternating runs of each side.\n\n"
         + "\n".join(lines)
         + "\n\n"
         + "\n".join(rss_lines)

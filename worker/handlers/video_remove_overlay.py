@@ -50,7 +50,11 @@ class RemoveOverlayParams(BaseModel):
     recheck_every: int = Field(default=30, ge=1, le=10_000)
     #: frames used to estimate each mark's matte
     samples: int = Field(default=48, ge=3, le=512)
-    inpaint_algo: Literal["ns", "telea"] = "ns"
+    #: template mode: spread the matte samples over the whole video (one more
+    #: decode) instead of over the prefix the one-pass mode holds in memory
+    full_analysis: bool = False
+    #: auto: harmonic or biharmonic per mark (fitted on the samples); ns / telea: OpenCV
+    inpaint_algo: Literal["auto", "biharmonic", "harmonic", "ns", "telea"] = "auto"
     inpaint_radius: int = Field(default=3, ge=1, le=32)
     mask_dilate: int = Field(default=0, ge=0, le=8)
     crf: int = Field(default=20, ge=0, le=51)
@@ -159,16 +163,24 @@ class RemoveOverlay(Handler):
             progress=ctx.progress,
             check_cancelled=ctx.check_cancelled,
         )
+        out = ctx.output_path("clean.mp4")
         if mode == "template":
             template = load_template(ctx.input_path(1), info.width, info.height)
-            remover.plan_template(template)
-        elif mode == "boxes":
-            remover.plan_boxes([Box(**b.model_dump()) for b in params.boxes])
+            frames = remover.remove_template(
+                template,
+                out,
+                crf=params.crf,
+                preset=params.preset,
+                full_analysis=params.full_analysis,
+            )
         else:
-            boxes = remover.plan_auto()
-            if boxes:
-                remover.plan_boxes(boxes)
-        frames = remover.restore(ctx.output_path("clean.mp4"), crf=params.crf, preset=params.preset)
+            if mode == "boxes":
+                remover.plan_boxes([Box(**b.model_dump()) for b in params.boxes])
+            else:
+                boxes = remover.plan_auto()
+                if boxes:
+                    remover.plan_boxes(boxes)
+            frames = remover.restore(out, crf=params.crf, preset=params.preset)
         ctx.progress(done=frames, total=frames, unit="frames", stage="done")
         regions = [
             {"h": r.h, "w": r.w, **r.alpha_stats} for r in remover.regions if r.colour_y is not None

@@ -15,7 +15,14 @@ import torch
 
 from worker.media.locate import Locator
 from worker.media.matte import Matte, estimate_matte
-from worker.media.restore import NoiseModel, RestoreOptions, calibrate_noise, restore_crops
+from worker.media.restore import (
+    NoiseModel,
+    RestoreOptions,
+    calibrate_noise,
+    choose_fill,
+    plan_crops,
+    restore_crops,
+)
 
 MARGIN = 6
 
@@ -81,8 +88,13 @@ def remove_from_frames(
     matte = estimate_matte(stack, shape=shape, ring=MARGIN // 2)
     mark = matte.alpha[oy : oy + th, ox : ox + tw]
     noise = None
+    if options.fills is None:
+        options = options.with_cache()
+    if options.method != "invert":
+        options = choose_fill(stack.to(torch.uint8), matte.alpha, matte.colour, options)
     if options.method == "hybrid":
         noise = calibrate_noise(stack.to(torch.uint8), matte.alpha, matte.colour, options)
+    plans: dict = {}
     out = [f.copy() for f in frames]
     for i in marked:
         p = positions[i]
@@ -92,6 +104,9 @@ def remove_from_frames(
         alpha = torch.zeros(h, w)
         alpha[dy : dy + th, dx : dx + tw] = mark[: h - dy, : w - dx]
         crop = torch.from_numpy(np.ascontiguousarray(frames[i][y0 : y0 + h, x0 : x0 + w]))
-        res = restore_crops(crop.permute(2, 0, 1)[None], alpha, matte.colour, options, noise)
+        if (dy, dx) not in plans:
+            plans[(dy, dx)] = plan_crops(alpha, options, noise)
+        plan = plans[(dy, dx)]
+        res = restore_crops(crop.permute(2, 0, 1)[None], alpha, matte.colour, options, plan=plan)
         out[i][y0 : y0 + h, x0 : x0 + w] = res[0].permute(1, 2, 0).numpy()
     return FramesResult(out, positions, matte, noise)

@@ -10,6 +10,11 @@ Two streaming passes over the file, each on `run_pipeline`:
 2. *restore*: decode, restore each mark's crop on the device in batches,
    write the pixels back into the yuv420p frame, encode, remux the audio.
 
+Template mode (`remove_template`) does both in one decode when it can: it
+holds a bounded prefix of decoded frames, estimates the matte from samples
+spread over it, then restores the prefix and streams the rest; it falls back
+to the two passes when the prefix does not show the mark enough.
+
 Only the crops around the mark are converted and computed on; the rest of
 the frame goes from decoder to encoder untouched.
 """
@@ -17,7 +22,8 @@ the frame goes from decoder to encoder untouched.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +37,30 @@ from worker.media.device import Stager
 from worker.media.locate import Locator
 from worker.media.matte import downsample_alpha, estimate_matte, fit_colour
 from worker.media.pipeline import StageTimes, run_pipeline
-from worker.media.restore import NoiseModel, RestoreOptions, calibrate_noise, restore_crops
+from worker.media.restore import (
+    CropPlan,
+    NoiseModel,
+    RestoreOptions,
+    calibrate_noise,
+    choose_fill,
+    plan_crops,
+    restore_crops,
+)
 from worker.sdk import PermanentError
 
 #: margin (pixels) kept around the mark in every crop: the unmarked ring the
 #: background model is fitted on
 MARGIN = 6
+#: template mode analyses a prefix of the video held in memory (one decode per
+#: job): at most this many frames (5 s at 24 fps) and this many bytes of them
+#: (all 120 at 720p, 53 at 1080p, 13 at 2160p) ...
+WARMUP_MAX_FRAMES = 120
+WARMUP_BYTES = 160 * 1024 * 1024
+#: ... and at least this many frames, or the job analyses the whole video first
+MIN_WARMUP_FRAMES = 8
+#: a prefix that yields fewer matte samples than this (the mark is absent or
+#: barely there) falls back to analysing the whole video
+MIN_WARMUP_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -72,7 +96,11 @@ class Region:
     #: hybrid mix per plane group (Y, UV), fitted on the samples
     noise_y: NoiseModel | None = None
     noise_uv: NoiseModel | None = None
+    #: the options with this mark's fill chosen per plane group (Y, UV)
+    opts_y: RestoreOptions | None = None
+    opts_uv: RestoreOptions | None = None
     _alphas: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _plans: dict[tuple[int, int], tuple[CropPlan, CropPlan]] = field(default_factory=dict)
 
     def alphas(self, offset: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha for Y, alpha for U/V) with a template mark at `offset` inside the crop.
@@ -92,6 +120,16 @@ class Region:
             a = (canvas * self.opacity).clamp(0, 0.98)
             self._alphas[offset] = (a, downsample_alpha(a, 2))
         return self._alphas[offset]
+
+    def plans(self, offset: tuple[int, int], opts: RestoreOptions) -> tuple[CropPlan, CropPlan]:
+        """(Y plan, U/V plan) for a placement: weight maps and masks, made once."""
+        if offset not in self._plans:
+            a_y, a_uv = self.alphas(offset)
+            self._plans[offset] = (
+                plan_crops(a_y, opts, self.noise_y),
+                plan_crops(a_uv, opts, self.noise_uv),
+            )
+        return self._plans[offset]
 
 
 @dataclass(frozen=True)
@@ -154,7 +192,8 @@ class OverlayRemover:
         progress: Callable[..., None] | None = None,
         check_cancelled: Callable[[], None] | None = None,
     ) -> None:
-        self.path, self.info, self.device, self.options = path, info, device, options
+        self.path, self.info, self.device = path, info, device
+        self.options = options if options.fills is not None else options.with_cache()
         self.samples, self.batch_size = samples, batch_size
         self.recheck_every, self.min_score = recheck_every, min_score
         self._progress = progress or (lambda **kw: None)
@@ -173,8 +212,8 @@ class OverlayRemover:
     def _stride(self) -> int:
         return max(1, math.ceil(self.total / max(self.samples, 1)))
 
-    def _run(self, stage: str, compute, sink=None) -> StageTimes:
-        def on_batch(done: int) -> None:
+    def _run(self, stage: str, compute, sink=None, *, finish=None, on_batch=None) -> StageTimes:
+        def report(done: int) -> None:
             self._progress(done=min(done, self.total), total=self.total, unit="frames", stage=stage)
 
         times = run_pipeline(
@@ -182,59 +221,23 @@ class OverlayRemover:
             compute,
             sink,
             batch_size=self.batch_size,
-            on_batch=on_batch,
+            on_batch=on_batch or report,
             check_cancelled=self._check,
+            finish=finish,
         )
         self.times[stage] = times.as_dict()
         return times
 
     def plan_template(self, template_alpha: np.ndarray) -> None:
-        """Locate the template in every frame and estimate its matte."""
-        th, tw = template_alpha.shape
-        fh, fw = self.info.height, self.info.width
-        h = min(_even_floor(th + 2 * MARGIN + 1) + 2, _even_floor(fh))
-        w = min(_even_floor(tw + 2 * MARGIN + 1) + 2, _even_floor(fw))
-        tmpl = torch.from_numpy(template_alpha).to(self.device)
-        region = Region(h=h, w=w, shape=tmpl, template=True)
-        self.regions = [region]
-        locator = Locator(
-            tmpl, min_score=self.min_score, recheck_every=self.recheck_every, device=self.device
-        )
-        stride = self._stride()
-        ys: dict[tuple[int, int], list[np.ndarray]] = {}
-        uvs: dict[tuple[int, int], list[np.ndarray]] = {}
-        positions = self.positions
+        """Locate the template in every frame and estimate its matte (a whole pass)."""
+        tracker = _TemplateTracker(self, template_alpha, self._stride())
 
         def compute(frames: list) -> list:
-            for frame in frames:
-                views = vio.plane_views(frame)
-                # A view, no copy: the locator moves only what it needs to the device.
-                m = locator.locate(torch.from_numpy(views[0]))
-                idx = len(positions)
-                positions.append((m.y, m.x, m.score) if m else None)
-                if m is None or idx % stride or sum(map(len, ys.values())) >= self.samples:
-                    continue
-                pl = self._template_placement(m.y, m.x, h, w)
-                y, uv = _crop_yuv(views, pl.y0, pl.x0, h, w)
-                ys.setdefault(pl.offset, []).append(y.copy())
-                uvs.setdefault(pl.offset, []).append(uv.copy())
+            tracker.track(frames)
             return frames
 
         self._run("analyse", compute)
-        self.locate_full_searches = locator.full_searches
-        if not ys:
-            return
-        # Samples are aligned only within one offset group: estimate from the largest.
-        offset = max(ys, key=lambda k: len(ys[k]))
-        oy, ox = offset
-        canvas = torch.zeros(h, w, device=self.device)
-        canvas[oy : oy + th, ox : ox + tw] = tmpl[: h - oy, : w - ox]
-        region.template = False
-        region.shape = canvas
-        self._estimate(region, ys[offset], uvs[offset], template=True)
-        region.shape = region.shape[oy : oy + th, ox : ox + tw].contiguous()
-        region.template = True
-        region._alphas.clear()
+        tracker.estimate()
 
     def _template_placement(self, y: int, x: int, h: int, w: int) -> Placement:
         """The crop around a mark at (y, x): margin on every side unless the frame ends."""
@@ -360,11 +363,24 @@ class OverlayRemover:
         region.alpha_stats = matte.stats()
         region.alpha_stats["colour_uv"] = [round(float(c), 2) for c in region.colour_uv]
         region.alpha_stats["samples"] = len(ys)
+        y8, uv8 = y.to(torch.uint8), uv.to(torch.uint8)
+        a_uv = downsample_alpha(matte.alpha, 2)
+        region.opts_y = region.opts_uv = self.options
+        if self.options.method != "invert":
+            region.opts_y = choose_fill(y8, matte.alpha, matte.colour, self.options)
+            # Chroma has no noise model (below): in hybrid it is only filled above alpha_lo.
+            if self.options.method == "inpaint" or float(a_uv.max()) > self.options.alpha_lo:
+                region.opts_uv = choose_fill(uv8, a_uv, region.colour_uv, self.options)
+            region.alpha_stats["fill"] = [region.opts_y.inpaint_algo, region.opts_uv.inpaint_algo]
         if self.options.method == "hybrid":
-            y8, uv8 = y.to(torch.uint8), uv.to(torch.uint8)
-            a_uv = downsample_alpha(matte.alpha, 2)
-            region.noise_y = calibrate_noise(y8, matte.alpha, matte.colour, self.options)
-            region.noise_uv = calibrate_noise(uv8, a_uv, region.colour_uv, self.options)
+            region.noise_y = calibrate_noise(y8, matte.alpha, matte.colour, region.opts_y)
+            # No noise model for chroma: H.264 smooths U/V across the mark's edge
+            # for the inversion and the fill alike, so their errors correlate and
+            # the split of their difference (which assumes independence) credits
+            # the fill with far too little error. Measured through H.264 at 720p,
+            # mixing chroma by that model cost 0.6-1.1 dB against pure inversion;
+            # U/V follow the alpha ramp alone (invert below alpha_lo).
+            region.noise_uv = None
             for key, nm in (("noise_y", region.noise_y), ("noise_uv", region.noise_uv)):
                 if nm is not None:
                     region.alpha_stats[key] = {
@@ -404,12 +420,14 @@ class OverlayRemover:
         for (ri, offset), items in groups.items():
             region = self.regions[ri]
             a_y, a_uv = region.alphas(offset)
+            p_y, p_uv = region.plans(offset, self.options)
+            o_y, o_uv = region.opts_y or self.options, region.opts_uv or self.options
             crops = [_crop_yuv(v, pl.y0, pl.x0, region.h, region.w) for v, pl in items]
             y = self.stager.to_device(np.stack([c[0] for c in crops])[:, None])
             uv = self.stager.to_device(np.stack([c[1] for c in crops]))
             assert region.colour_y is not None and region.colour_uv is not None
-            y_out = restore_crops(y, a_y, region.colour_y, self.options, region.noise_y)
-            uv_out = restore_crops(uv, a_uv, region.colour_uv, self.options, region.noise_uv)
+            y_out = restore_crops(y, a_y, region.colour_y, o_y, plan=p_y)
+            uv_out = restore_crops(uv, a_uv, region.colour_uv, o_uv, plan=p_uv)
             y_out, uv_out = Stager.to_host(y_out), Stager.to_host(uv_out)
             for n, (views, pl) in enumerate(items):
                 views[0][pl.y0 : pl.y0 + region.h, pl.x0 : pl.x0 + region.w] = y_out[n, 0]
@@ -421,43 +439,27 @@ class OverlayRemover:
                 done += 1
         return done
 
-    def restore(self, out_path: Path, *, crf: int = 20, preset: str = "veryfast") -> int:
-        """Second pass: restore and encode to `out_path`; returns frames written."""
-        audio_template = None
-        if self.info.has_audio:
-            import av
+    def _writer(self, out_path: Path, crf: int, preset: str) -> vio.VideoWriter:
+        kw: dict[str, Any] = {
+            "width": self.info.width,
+            "height": self.info.height,
+            "fps": self.info.fps,
+            "time_base": self.info.time_base,
+            "codec": vio.pick_encoder("h264", self.device.type),
+            "crf": crf,
+            "preset": preset,
+        }
+        if not self.info.has_audio:
+            return vio.VideoWriter(out_path, **kw)
+        import av
 
-            with av.open(str(self.path)) as c:
-                audio_template = c.streams.audio[0] if c.streams.audio else None
-                writer = vio.VideoWriter(
-                    out_path,
-                    width=self.info.width,
-                    height=self.info.height,
-                    fps=self.info.fps,
-                    time_base=self.info.time_base,
-                    codec=vio.pick_encoder("h264", self.device.type),
-                    crf=crf,
-                    preset=preset,
-                    audio_template=audio_template,
-                )
-        else:
-            writer = vio.VideoWriter(
-                out_path,
-                width=self.info.width,
-                height=self.info.height,
-                fps=self.info.fps,
-                time_base=self.info.time_base,
-                codec=vio.pick_encoder("h264", self.device.type),
-                crf=crf,
-                preset=preset,
-            )
-        index = [0]
-        self.crops_restored = 0
+        with av.open(str(self.path)) as c:
+            template = c.streams.audio[0] if c.streams.audio else None
+            return vio.VideoWriter(out_path, audio_template=template, **kw)
 
-        def compute(frames: list) -> list:
-            self.crops_restored += self.restore_batch(frames, index[0])
-            index[0] += len(frames)
-            return frames
+    def _encode(self, stage: str, out_path: Path, crf: int, preset: str, compute, **kw) -> int:
+        """Run `compute` over the video into an encoder at `out_path`; frames written."""
+        writer = self._writer(out_path, crf, preset)
 
         def sink(kind: str, item: Any) -> None:
             if kind == "video":
@@ -467,8 +469,182 @@ class OverlayRemover:
 
         ok = False
         try:
-            self._run("restore", compute, sink)
+            self._run(stage, compute, sink, **kw)
             ok = True
         finally:
             writer.close(flush=ok)
         return writer.frames
+
+    def restore(self, out_path: Path, *, crf: int = 20, preset: str = "veryfast") -> int:
+        """Second pass: restore and encode to `out_path`; returns frames written."""
+        index = [0]
+        self.crops_restored = 0
+
+        def compute(frames: list) -> list:
+            self.crops_restored += self.restore_batch(frames, index[0])
+            index[0] += len(frames)
+            return frames
+
+        return self._encode("restore", out_path, crf, preset, compute)
+
+    def warmup_frames(self) -> int:
+        """How many decoded frames the one-pass template mode may hold (0: too big)."""
+        frame_bytes = self.info.width * self.info.height * 3 // 2
+        n = min(WARMUP_BYTES // max(frame_bytes, 1), WARMUP_MAX_FRAMES, self.total)
+        return n if n >= min(MIN_WARMUP_FRAMES, self.total) else 0
+
+    def remove_template(
+        self,
+        template_alpha: np.ndarray,
+        out_path: Path,
+        *,
+        crf: int = 20,
+        preset: str = "veryfast",
+        full_analysis: bool = False,
+    ) -> int:
+        """Template mode end to end; returns frames written.
+
+        One decode: the first `warmup_frames()` frames are located and held
+        (bounded bytes), the matte is estimated from samples spread over them,
+        they are restored and passed to the encoder, and the rest of the video
+        is located and restored as it streams. When the video is longer than
+        that prefix and the mark shows in too few of its frames, or when
+        `full_analysis` asks for samples spread over the whole video, the
+        classic two passes run instead (analyse everything, then restore).
+        """
+        window = 0 if full_analysis else self.warmup_frames()
+        if window:
+            try:
+                return self._one_pass(template_alpha, out_path, window, crf, preset)
+            except _NeedFullAnalysis:
+                self.positions.clear()
+                self.times.clear()
+        self.plan_template(template_alpha)
+        return self.restore(out_path, crf=crf, preset=preset)
+
+    def _one_pass(
+        self, template_alpha: np.ndarray, out_path: Path, window: int, crf: int, preset: str
+    ) -> int:
+        tracker = _TemplateTracker(self, template_alpha, max(1, math.ceil(window / self.samples)))
+        held: list = []
+        state = {"ready": False, "restored": 0}
+        self.crops_restored = 0
+
+        def restore(frames: list) -> Iterator[Any]:
+            # Lazily, a batch at a time: the encoder starts on the first batch
+            # of the held prefix while the rest is being restored.
+            for i in range(0, len(frames), self.batch_size):
+                chunk = frames[i : i + self.batch_size]
+                self.crops_restored += self.restore_batch(chunk, state["restored"])
+                state["restored"] += len(chunk)
+                yield from chunk
+
+        def finish_warmup(video_ended: bool) -> Iterator[Any]:
+            enough = min(MIN_WARMUP_SAMPLES, self.samples)
+            if not video_ended and tracker.best_group_size() < enough:
+                raise _NeedFullAnalysis
+            t = time.perf_counter()
+            tracker.estimate()
+            state["ready"] = True
+            self.times["analyse"] = {
+                "frames": len(held),
+                "in_restore_pass": True,
+                "matte_s": round(time.perf_counter() - t, 3),
+            }
+            out = restore(held[:])
+            held.clear()
+            return out
+
+        def compute(frames: list) -> Iterable[Any]:
+            tracker.track(frames)
+            if state["ready"]:
+                return restore(frames)
+            held.extend(frames)
+            if len(held) < window:
+                return []
+            return finish_warmup(video_ended=False)
+
+        def finish() -> Iterable[Any]:
+            return [] if state["ready"] else finish_warmup(video_ended=True)
+
+        def progress(_: int) -> None:
+            if state["ready"]:
+                done, stage = state["restored"], "restore"
+            else:
+                done, stage = len(self.positions), "analyse"
+            self._progress(done=min(done, self.total), total=self.total, unit="frames", stage=stage)
+
+        return self._encode(
+            "restore", out_path, crf, preset, compute, finish=finish, on_batch=progress
+        )
+
+
+class _NeedFullAnalysis(Exception):
+    """Internal: the prefix did not show the mark enough; analyse the whole video."""
+
+
+class _TemplateTracker:
+    """Locates a template frame by frame and keeps aligned matte samples (bounded)."""
+
+    def __init__(self, remover: OverlayRemover, template_alpha: np.ndarray, stride: int) -> None:
+        th, tw = template_alpha.shape
+        fh, fw = remover.info.height, remover.info.width
+        self.h = min(_even_floor(th + 2 * MARGIN + 1) + 2, _even_floor(fh))
+        self.w = min(_even_floor(tw + 2 * MARGIN + 1) + 2, _even_floor(fw))
+        self.remover, self.stride = remover, stride
+        self.tmpl = torch.from_numpy(template_alpha).to(remover.device)
+        self.region = Region(h=self.h, w=self.w, shape=self.tmpl, template=True)
+        remover.regions = [self.region]
+        remover.locate_full_searches = 0
+        self.locator = Locator(
+            self.tmpl,
+            min_score=remover.min_score,
+            recheck_every=remover.recheck_every,
+            device=remover.device,
+        )
+        self.ys: dict[tuple[int, int], list[np.ndarray]] = {}
+        self.uvs: dict[tuple[int, int], list[np.ndarray]] = {}
+        self.kept = 0
+
+    def track(self, frames: list) -> None:
+        """Append each frame's position to `remover.positions`; sample crops on the stride."""
+        r, positions = self.remover, self.remover.positions
+        for frame in frames:
+            views = vio.plane_views(frame)
+            # A view, no copy: the locator moves only what it needs to the device.
+            m = self.locator.locate(torch.from_numpy(views[0]))
+            idx = len(positions)
+            positions.append((m.y, m.x, m.score) if m else None)
+            if m is None or idx % self.stride or self.kept >= r.samples:
+                continue
+            pl = r._template_placement(m.y, m.x, self.h, self.w)
+            y, uv = _crop_yuv(views, pl.y0, pl.x0, self.h, self.w)
+            self.ys.setdefault(pl.offset, []).append(y.copy())
+            self.uvs.setdefault(pl.offset, []).append(uv.copy())
+            self.kept += 1
+        r.locate_full_searches = self.locator.full_searches
+
+    def best_group_size(self) -> int:
+        """Samples in the largest group of aligned crops."""
+        return max(map(len, self.ys.values()), default=0)
+
+    def estimate(self) -> None:
+        """Fit the matte on the largest aligned group (no samples: nothing to remove)."""
+        if not self.ys:
+            return
+        # Samples are aligned only within one offset group: estimate from the largest.
+        offset = max(self.ys, key=lambda k: len(self.ys[k]))
+        oy, ox = offset
+        th, tw = self.tmpl.shape
+        h, w, region = self.h, self.w, self.region
+        canvas = torch.zeros(h, w, device=self.remover.device)
+        canvas[oy : oy + th, ox : ox + tw] = self.tmpl[: h - oy, : w - ox]
+        region.template = False
+        region.shape = canvas
+        self.remover._estimate(region, self.ys[offset], self.uvs[offset], template=True)
+        region.shape = region.shape[oy : oy + th, ox : ox + tw].contiguous()
+        region.template = True
+        region._alphas.clear()
+        region._plans.clear()
+        self.ys.clear()
+        self.uvs.clear()

@@ -13,10 +13,11 @@ Cancellation is checked between batches by the compute stage.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,13 +89,14 @@ class _Stages:
 
 def run_pipeline(
     source: Callable[[], Iterator[tuple[str, Any]]],
-    compute: Callable[[list[Any]], list[Any]],
+    compute: Callable[[list[Any]], Iterable[Any]],
     sink: Callable[[str, Any], None] | None = None,
     *,
     batch_size: int = 8,
     queue_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
     check_cancelled: Callable[[], None] | None = None,
+    finish: Callable[[], Iterable[Any]] | None = None,
 ) -> StageTimes:
     """Stream `source()` items through `compute` (in batches of video frames) into `sink`.
 
@@ -104,6 +106,12 @@ def run_pipeline(
     `sink` (the encode thread). `on_batch(frames_done)` and
     `check_cancelled()` run in the calling thread between batches; an exception
     from either (e.g. `Cancelled`) stops the pipeline and propagates.
+
+    `compute` may hold frames back (return fewer than it got) and release them
+    with a later batch; `finish()`, called after the last batch, returns the
+    ones still held. Frames reach the sink in the order `compute` returns them.
+    Either may return a lazy iterable: each item goes to the encoder as soon
+    as it is produced, so a long release does not leave the encoder idle.
     """
     st = _Stages()
     times = StageTimes()
@@ -156,15 +164,24 @@ def run_pipeline(
     for th in threads:
         th.start()
 
-    def flush(batch: list[Any]) -> None:
+    def flush(batch: list[Any], *, last: bool = False) -> None:
         if check_cancelled is not None:
             check_cancelled()
         t = time.perf_counter()
-        out = compute(batch)
+        out: Iterable[Any] = compute(batch) if batch else []
+        if last and finish is not None:
+            out = itertools.chain(out, finish())
+        items = iter(out)
         times.busy_s["compute"] += time.perf_counter() - t
         times.frames["compute"] += len(batch)
-        if q_out is not None:
-            for item in out:
+        while True:
+            # A lazy `out` computes as it goes: time only that, not the puts.
+            t = time.perf_counter()
+            item = next(items, _END)
+            times.busy_s["compute"] += time.perf_counter() - t
+            if item is _END:
+                break
+            if q_out is not None:
                 st.put(q_out, ("video", item))
         if on_batch is not None:
             on_batch(times.frames["compute"])
@@ -183,8 +200,8 @@ def run_pipeline(
                     batch = []
             elif q_out is not None:
                 st.put(q_out, item)
-        if batch:
-            flush(batch)
+        if batch or finish is not None:
+            flush(batch, last=True)
         if q_out is not None:
             st.put(q_out, _END)
     except PipelineStopped:
