@@ -113,7 +113,7 @@ class LinearFill:
         if cache is None:
             return _build(*key)
         if key not in cache.fills:
-            cache.fills[key] = _build(*key)
+            cache.fills[key] = _build(*key, parts=cache.parts)
         return cache.fills[key]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -131,20 +131,32 @@ class FillCache:
 
     def __init__(self) -> None:
         self.fills: dict[tuple, LinearFill | None] = {}
+        #: factored parts by (pixels, crop size, stencil): a part's system depends
+        #: on its own pixels only, so the fill's selection (on the mark's small
+        #: parts) and the whole mark's fill share the factorizations
+        self.parts: dict[tuple, _Part] = {}
 
 
-def _build(mask_bytes: bytes, shape: tuple[int, int], algo: str) -> LinearFill | None:
+def _build(
+    mask_bytes: bytes, shape: tuple[int, int], algo: str, parts: dict | None = None
+) -> LinearFill | None:
     h, w = shape
     mask = np.frombuffer(mask_bytes, np.bool_).reshape(h, w).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    parts, big = [], []
+    found, big = [], []
     for i in range(1, n):
         if stats[i, cv2.CC_STAT_AREA] > MAX_PART_PIXELS:
             big.append(i)
             continue
         ys, xs = np.nonzero(labels == i)
-        parts.append(_Part(ys, xs, h, w, STENCILS[algo]))
-    if not parts:
+        key = ((ys * w + xs).tobytes(), h, w, algo)
+        part = parts.get(key) if parts is not None else None
+        if part is None:
+            part = _Part(ys, xs, h, w, STENCILS[algo])
+            if parts is not None:
+                parts[key] = part
+        found.append(part)
+    if not found:
         return None
     rest = np.isin(labels, big).astype(np.uint8) * 255 if big else None
-    return LinearFill(parts, rest)
+    return LinearFill(found, rest)

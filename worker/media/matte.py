@@ -110,15 +110,25 @@ def shape_from_frames(samples: torch.Tensor, ring: int) -> torch.Tensor:
 def fit_opacity(samples: torch.Tensor, shape: torch.Tensor) -> float:
     """The scalar o with alpha = o * shape that best explains the temporal spread."""
     _, c, h, w = samples.shape
-    std = samples.std(0).reshape(c, -1).T  # (N, C)
-    basis = _basis(h, w, samples.device)
-    s = shape.reshape(-1, 1)
+    std = samples.std(0).reshape(c, -1).T.double()  # (N, C)
+    basis = _basis(h, w, samples.device).double()
+    s = shape.reshape(-1, 1).double()
     smax = float(shape.max())
     if smax <= 0:
         return 0.0
+    # The design is (1 - o s) * basis: its Gram matrix and right-hand side are
+    # polynomials in o, so each cost is a 6x6 solve on sums made once (the
+    # same least squares as `_lstsq`, without touching the N pixels again).
+    g0, g1, g2 = (basis.T @ (s**k * basis) for k in range(3))
+    b0, b1 = basis.T @ std, basis.T @ (s * std)
+    bb = float((std * std).sum())
+    eye = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device) * 1e-9
 
     def cost(o: float) -> float:
-        return float(_lstsq((1 - o * s) * basis, std)[1])
+        gram = g0 - 2 * o * g1 + o * o * g2 + eye
+        atb = b0 - o * b1
+        sol = torch.linalg.solve(gram, atb)
+        return bb - float((sol * atb).sum())
 
     hi = MAX_ALPHA / smax
     grid = torch.linspace(0, hi, 50).tolist()

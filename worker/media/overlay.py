@@ -22,6 +22,7 @@ the frame goes from decoder to encoder untouched.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from worker.media import io as vio
-from worker.media.device import Stager
+from worker.media.device import Stager, cpu_threads
 from worker.media.locate import Locator
 from worker.media.matte import downsample_alpha, estimate_matte, fit_colour
 from worker.media.pipeline import StageTimes, run_pipeline
@@ -61,6 +62,9 @@ MIN_WARMUP_FRAMES = 8
 #: a prefix that yields fewer matte samples than this (the mark is absent or
 #: barely there) falls back to analysing the whole video
 MIN_WARMUP_SAMPLES = 8
+#: torch threads for fitting the matte in the one-pass mode: the encoder has
+#: no frame yet and the decoder is blocked on a full queue, so the cores are free
+HEAD_THREADS = max(1, min(os.cpu_count() or 1, 4))
 
 
 @dataclass(frozen=True)
@@ -544,7 +548,8 @@ class OverlayRemover:
             if not video_ended and tracker.best_group_size() < enough:
                 raise _NeedFullAnalysis
             t = time.perf_counter()
-            tracker.estimate()
+            with cpu_threads(self.device, HEAD_THREADS):
+                tracker.estimate()
             state["ready"] = True
             self.times["analyse"] = {
                 "frames": len(held),
