@@ -11,16 +11,17 @@ several control planes (tests) shares the counters, and serves them once.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from control.periodic import Periodic
 from control.schema import JOB_STATES, TERMINAL_STATES
 
-log = logging.getLogger(__name__)
+# The endpoint, shared with the worker: metrics.serve(port) / metrics.shutdown(port).
+from spool.metrics_http import serve as serve
+from spool.metrics_http import shutdown as shutdown
 
 JOBS = Gauge("spool_jobs", "Jobs by state (all tenants).", ["state"])
 QUEUE_DEPTH = Gauge("spool_queue_depth", "QUEUED jobs whose not_before has passed.")
@@ -52,39 +53,12 @@ for _kind in STREAM_KINDS:
 for _state in JOB_STATES:
     JOBS.labels(state=_state)
 
-#: ports this process serves /metrics on (one endpoint per port per process)
-_servers: dict[int, Any] = {}
-
 
 def count_finished(transitions: Iterable[Any]) -> None:
     """Count the transitions (`control.store.dispatch.Transition`) that ended a job."""
     for t in transitions:
         if t is not None and t.state in TERMINAL_STATES:
             FINISHED.labels(type=t.job_type, state=t.state).inc()
-
-
-def serve(port: int, addr: str = "127.0.0.1") -> bool:
-    """Start the `/metrics` HTTP endpoint (port 0 = disabled); True if this call started it.
-
-    A port this process already serves is left alone (several control planes in
-    one process share the registry). A port taken by another process raises OSError.
-    """
-    if port <= 0 or port in _servers:
-        return False
-    _servers[port] = start_http_server(port, addr=addr, registry=REGISTRY)
-    log.info("metrics on http://%s:%d/metrics", addr, port)
-    return True
-
-
-def shutdown(port: int) -> None:
-    """Stop the endpoint `serve(port)` started (no-op if none)."""
-    started = _servers.pop(port, None)
-    if started is None:
-        return
-    server, thread = started
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
 
 
 def apply_stats(stats: Mapping[str, Any], pool: Any = None) -> None:

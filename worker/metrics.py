@@ -9,13 +9,14 @@ itself never imports torch.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
-log = logging.getLogger("spool.worker.metrics")
+# The endpoint, shared with the control plane: metrics.serve(port) / metrics.shutdown(port).
+from spool.metrics_http import serve as serve
+from spool.metrics_http import shutdown as shutdown
 
 RUNNING_JOBS = Gauge("spool_worker_running_jobs", "Jobs running in this worker's slots.")
 SLOTS = Gauge("spool_worker_slots", "Slots of this worker (jobs it runs at once).")
@@ -49,27 +50,6 @@ FRAMES_UNIT = "frames"
 
 #: frames/s of each running job reporting frames: key → (type, rate)
 _frame_rates: dict[Any, tuple[str, float]] = {}
-#: ports this process serves /metrics on
-_servers: dict[int, Any] = {}
-
-
-def serve(port: int, addr: str = "127.0.0.1") -> bool:
-    """Start the `/metrics` endpoint (port 0 = off); True if this call started it."""
-    if port <= 0 or port in _servers:
-        return False
-    _servers[port] = start_http_server(port, addr=addr, registry=REGISTRY)
-    log.info("metrics on http://%s:%d/metrics", addr, port)
-    return True
-
-
-def shutdown(port: int) -> None:
-    """Stop the endpoint `serve(port)` started (no-op if none)."""
-    started = _servers.pop(port, None)
-    if started is not None:
-        server, thread = started
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def set_connected(connected: bool) -> None:

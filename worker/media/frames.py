@@ -15,6 +15,7 @@ import torch
 
 from worker.media.locate import Locator
 from worker.media.matte import Matte, estimate_matte
+from worker.media.overlay import MARGIN
 from worker.media.restore import (
     NoiseModel,
     RestoreOptions,
@@ -23,8 +24,6 @@ from worker.media.restore import (
     plan_crops,
     restore_crops,
 )
-
-MARGIN = 6
 
 
 @dataclass
