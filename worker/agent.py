@@ -163,6 +163,8 @@ class Agent:
         self._connected = False
         self._credits = 0
         self._draining = False
+        #: set at the end of a drain: the writer half-closes the stream
+        self._half_close = False
         self._stopped = asyncio.Event()
         self._drain_task: asyncio.Task | None = None
         self._drain_reason = ""
@@ -252,6 +254,14 @@ class Agent:
             await self._wait_changed(deadline - time.monotonic())
         if any(o.durable for o in self._outbox):
             log.warning("exiting with %d undelivered result(s)", len(self._outbox))
+        elif self._connected:
+            # End the stream by half-closing it and waiting for control to close its
+            # side: control then has read and applied every message. Cancelling the
+            # call instead could drop the last ones (a Released still in flight).
+            self._half_close = True
+            self._wake.set()
+            while self._connected and time.monotonic() < deadline:
+                await self._wait_changed(deadline - time.monotonic())
         self._stopped.set()
 
     async def _wait_changed(self, wait_s: float) -> None:
@@ -398,6 +408,9 @@ class Agent:
                     self.jobs.pop(item.done_key, None)
                     self._changed.set()
             self._changed.set()
+            if self._half_close:
+                await call.done_writing()
+                await asyncio.Event().wait()  # the reader ends the session at EOF
             self._wake.clear()
             await self._wake.wait()
 

@@ -41,6 +41,8 @@ class PeerStream:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     credits: int = 0
     closed: bool = False
+    #: the worker's side of the stream ended (read to its end)
+    half_closed: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
     auth: dict[str, list[bytes]] = field(default_factory=dict)
 
@@ -153,44 +155,49 @@ class FakeControl(worker_service_pb2_grpc.WorkerServiceServicer):
             reader.cancel()
 
     async def _read(self, stream: PeerStream, request_iterator) -> None:
-        async for req in request_iterator:
-            stream.received.append((time.monotonic(), req))
-            kind = req.WhichOneof("message")
-            if kind == "hello":
-                stream.hello = req.hello
-                self.slots = req.hello.slots
-                # A reconnecting worker keeps the attempts it reports.
-                self.running = {(r.job_id, r.attempt) for r in req.hello.running} | {
-                    k for k in self.running if k not in self.results
-                }
-                hb = duration_pb2.Duration()
-                hb.FromNanoseconds(int(self.heartbeat_s * 1e9))
-                lease = duration_pb2.Duration()
-                lease.FromNanoseconds(int(self.lease_s * 1e9))
-                stream.out.put_nowait(
-                    Resp(
-                        welcome=Resp.Welcome(
-                            worker_id=req.hello.worker_id,
-                            heartbeat_interval=hb,
-                            lease_duration=lease,
-                            control_replica="fake",
+        try:
+            async for req in request_iterator:
+                stream.received.append((time.monotonic(), req))
+                kind = req.WhichOneof("message")
+                if kind == "hello":
+                    stream.hello = req.hello
+                    self.slots = req.hello.slots
+                    # A reconnecting worker keeps the attempts it reports.
+                    self.running = {(r.job_id, r.attempt) for r in req.hello.running} | {
+                        k for k in self.running if k not in self.results
+                    }
+                    hb = duration_pb2.Duration()
+                    hb.FromNanoseconds(int(self.heartbeat_s * 1e9))
+                    lease = duration_pb2.Duration()
+                    lease.FromNanoseconds(int(self.lease_s * 1e9))
+                    stream.out.put_nowait(
+                        Resp(
+                            welcome=Resp.Welcome(
+                                worker_id=req.hello.worker_id,
+                                heartbeat_interval=hb,
+                                lease_duration=lease,
+                                control_replica="fake",
+                            )
                         )
                     )
-                )
-            elif kind == "ready":
-                stream.credits += req.ready.credits
-                if stream.credits + len(self.running) > self.slots:
-                    self.violations.append(
-                        f"credits {stream.credits} + running {len(self.running)} > {self.slots}"
-                    )
-                self._dispatch()
-            elif kind in ("completed", "failed", "canceled", "released"):
-                ref = getattr(req, kind).ref
-                key = (ref.job_id, ref.attempt)
-                if key in self.results:
-                    self.violations.append(f"second result for {key}")
-                self.results[key] = req
-                self.running.discard(key)
+                elif kind == "ready":
+                    stream.credits += req.ready.credits
+                    if stream.credits + len(self.running) > self.slots:
+                        self.violations.append(
+                            f"credits {stream.credits} + running {len(self.running)} > {self.slots}"
+                        )
+                    self._dispatch()
+                elif kind in ("completed", "failed", "canceled", "released"):
+                    ref = getattr(req, kind).ref
+                    key = (ref.job_id, ref.attempt)
+                    if key in self.results:
+                        self.violations.append(f"second result for {key}")
+                    self.results[key] = req
+                    self.running.discard(key)
+            stream.half_closed = True
+        finally:
+            # Like the real control plane: once the worker half-closes, end the stream.
+            stream.out.put_nowait(None)
 
     def _dispatch(self) -> None:
         if not self.streams:

@@ -167,10 +167,17 @@ async def test_drain_from_control_releases_unfinished(control: FakeControl, star
         make_job("debug.sleep", {"duration": 30, "steps": 30, "ignore_cancel": True})
     )
     await wait_until(lambda: short in agent.jobs and long in agent.jobs)
+    # Record, at the moment the agent stops, whether its stream had already ended.
+    ended_before_stop = []
+    stop = agent._stopped.set
+    agent._stopped.set = lambda: (ended_before_stop.append(control.current.half_closed), stop())
     control.drain()
     await wait_until(lambda: short in control.results and long in control.results, what="drain")
     assert control.results[short].WhichOneof("message") == "completed"
     rel = control.results[long]
     assert rel.WhichOneof("message") == "released" and rel.released.reason
     await wait_until(lambda: agent._stopped.is_set())
+    # It half-closed the stream and waited for control to end it: control read
+    # every message before the worker went (a cancelled call can drop the last ones).
+    assert ended_before_stop == [True]
     await asyncio.sleep(0)  # the agent task ends; the fixture awaits it
