@@ -82,6 +82,20 @@ def backoff_ms(attempt: int, base_s: float, max_s: float) -> int:
 
 # --------------------------------------------------------------------------- claim
 
+# What starting an attempt sets, in both claim statements below (`j` is the job row).
+_START_SET = """\
+            state = 'running',
+            worker_id = :worker_id,
+            started_at = CAST(:now AS timestamptz),
+            updated_at = CAST(:now AS timestamptz),
+            lease_expires_at = CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond',
+            deadline_at = CASE WHEN j.timeout_ms > 0
+                THEN CAST(:now AS timestamptz) + j.timeout_ms * interval '1 millisecond' END,
+            cancel_requested = false,
+            cancel_requested_at = NULL,
+            progress = NULL,
+            last_seq = j.last_seq + 1"""
+
 # Lock the best claimable jobs for this worker.
 #
 # Why SKIP LOCKED is safe: a row locked by another transaction is being claimed
@@ -99,7 +113,7 @@ def backoff_ms(attempt: int, base_s: float, max_s: float) -> int:
 # change. The key filters here are a cheap pre-filter against starvation (jobs of
 # a saturated key must not fill the LIMIT); the decisive check comes later.
 _CLAIM_SQL = sa.text(
-    """
+    f"""
     WITH cand AS (
         SELECT j.id, coalesce(j.concurrency_key, '') <> '' AS keyed
         FROM jobs AS j
@@ -129,17 +143,7 @@ _CLAIM_SQL = sa.text(
     ),
     started AS (
         UPDATE jobs AS j SET
-            state = 'running',
-            worker_id = :worker_id,
-            started_at = CAST(:now AS timestamptz),
-            updated_at = CAST(:now AS timestamptz),
-            lease_expires_at = CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond',
-            deadline_at = CASE WHEN j.timeout_ms > 0
-                THEN CAST(:now AS timestamptz) + j.timeout_ms * interval '1 millisecond' END,
-            cancel_requested = false,
-            cancel_requested_at = NULL,
-            progress = NULL,
-            last_seq = j.last_seq + 1
+{_START_SET}
         FROM cand
         WHERE j.id = cand.id AND NOT cand.keyed
         RETURNING j.*
@@ -189,20 +193,10 @@ _RUNNING_PER_KEY_SQL = sa.text(
 # Start the chosen keyed candidates (already row-locked by this transaction) and
 # stamp their keys' last start.
 _START_KEYED_SQL = sa.text(
-    """
+    f"""
     WITH started AS (
         UPDATE jobs AS j SET
-            state = 'running',
-            worker_id = :worker_id,
-            started_at = CAST(:now AS timestamptz),
-            updated_at = CAST(:now AS timestamptz),
-            lease_expires_at = CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond',
-            deadline_at = CASE WHEN j.timeout_ms > 0
-                THEN CAST(:now AS timestamptz) + j.timeout_ms * interval '1 millisecond' END,
-            cancel_requested = false,
-            cancel_requested_at = NULL,
-            progress = NULL,
-            last_seq = j.last_seq + 1
+{_START_SET}
         WHERE j.id = ANY(CAST(:ids AS uuid[])) AND j.state = 'queued'
         RETURNING j.*
     ),
