@@ -231,15 +231,7 @@ class JobsService:
             if inserted:
                 return inserted[0], False
             existing = await store.get_jobs_by_request_ids(s, tenant, [job.request_id or ""])
-            row = existing.get(job.request_id or "")
-            if row is None:
-                raise FailedPrecondition("request_id raced with a delete; submit again")
-            if row["spec_hash"] != job.spec_hash:
-                raise AlreadyExists(
-                    f"request_id {job.request_id!r} was used for a different job {row['id']}",
-                    reason="REQUEST_ID_REUSED",
-                )
-            return row, True
+            return _same_request(existing.get(job.request_id or ""), job, "request_id"), True
 
         row, deduplicated = await self._one(work)
         if not deduplicated:
@@ -275,14 +267,7 @@ class JobsService:
                     out.append(inserted[job.id])
                     continue
                 row = existing.get(job.request_id or "")
-                if row is None:
-                    raise FailedPrecondition("request_id raced with a delete; submit again")
-                if row["spec_hash"] != job.spec_hash:
-                    raise AlreadyExists(
-                        f"jobs[{i}].request_id {job.request_id!r} was used for a different job",
-                        reason="REQUEST_ID_REUSED",
-                    )
-                out.append(row)
+                out.append(_same_request(row, job, f"jobs[{i}].request_id"))
             return out
 
         rows = await self._tx(work)
@@ -506,3 +491,15 @@ class JobsService:
 def stats_as_dict(stats: Stats) -> dict[str, Any]:
     """Stats as plain data (for logs and the CLI)."""
     return asdict(stats)
+
+
+def _same_request(row: Row | None, job: NewJob, field: str) -> Row:
+    """The stored job a repeated request_id names; ALREADY_EXISTS if its payload differs."""
+    if row is None:
+        raise FailedPrecondition("request_id raced with a delete; submit again")
+    if row["spec_hash"] != job.spec_hash:
+        raise AlreadyExists(
+            f"{field} {job.request_id!r} was used for a different job {row['id']}",
+            reason="REQUEST_ID_REUSED",
+        )
+    return row
