@@ -32,7 +32,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,6 @@ LOGO_H = 36
 MARGIN = 8
 HEALTH_TIMEOUT_S = 1.0
 WORKER_READY_TIMEOUT_S = 90.0
-WORKER_STOP_GRACE_S = 15.0
 JOB_TIMEOUT_S = 300.0
 
 #: the user's connection settings, which do not apply to a private control plane
@@ -227,16 +225,6 @@ def _spawn_worker(server: str, tmp: Path, log_path: Path) -> subprocess.Popen[by
         )
 
 
-async def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.to_thread(proc.wait, WORKER_STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        await asyncio.to_thread(proc.wait)
-
-
 async def _wait_worker(server: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
     deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
     while not (await _worker_serving(server, private=True))[0]:
@@ -252,6 +240,7 @@ async def _wait_worker(server: str, proc: subprocess.Popen[bytes], log_path: Pat
 async def local_plane(out: Path, database_url: str = "") -> AsyncIterator[str]:
     """A control plane on a free port (auth off) and one worker; yields its address."""
     from control.config import Settings
+    from control.devrun import stop_worker
     from control.server import start_server
 
     with tempfile.TemporaryDirectory(prefix="spool-demo-") as tmpdir:
@@ -271,7 +260,7 @@ async def local_plane(out: Path, database_url: str = "") -> AsyncIterator[str]:
             await _wait_worker(cp.address, worker, log_path)
             yield cp.address
         finally:
-            await _stop_worker(worker)
+            await stop_worker(worker)
             await cp.stop(settings.shutdown_grace_s)
 
 

@@ -53,7 +53,8 @@ def _spawn_worker(address: str) -> subprocess.Popen[bytes] | None:
     return proc
 
 
-async def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
+async def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a worker process (it drains), kill it if it has not exited in time."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
@@ -81,7 +82,7 @@ async def run(settings: Settings) -> None:
         await stop.wait()
     finally:
         if worker is not None:
-            await _stop_worker(worker)
+            await stop_worker(worker)
         await cp.stop(settings.shutdown_grace_s)
 
 
