@@ -38,6 +38,7 @@ from urllib.parse import unquote, urlparse
 
 import grpc
 
+from spool.client._blobs import file_sha256
 from spool.v1 import blob_service_pb2, blob_service_pb2_grpc
 from worker.sdk import Cancelled, PermanentError, RetryableError
 
@@ -488,16 +489,6 @@ def _describe(exc: BaseException, stall_timeout_s: float) -> str:
 # -- outputs -------------------------------------------------------------------------
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(UPLOAD_CHUNK_BYTES):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
-
 def _upload_requests(
     path: Path, header: blob_service_pb2.UploadRequest.Header
 ) -> Iterator[blob_service_pb2.UploadRequest]:
@@ -529,7 +520,7 @@ def upload_output(
     del tenant
     path = Path(path)
     client = blob_client.for_job(job_id) if job_id else blob_client
-    sha, size = _file_sha256(path)
+    sha, size = file_sha256(path)
     uri = f"blob:sha256:{sha}"
     ctype = content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     failures = 0
