@@ -40,6 +40,7 @@ import grpc
 
 from spool.client._blobs import file_sha256
 from spool.v1 import blob_service_pb2, blob_service_pb2_grpc
+from worker._context import resolve_local_input
 from worker.sdk import Cancelled, PermanentError, RetryableError
 
 #: chunk size of uploads (the server refuses more than 1 MiB per message)
@@ -278,19 +279,8 @@ def _resolve_file(uri: str, allowed_file_root: Path | str | None) -> Path:
             f"file:// inputs are not allowed on this worker (no allowed file root): {uri}",
             code="INVALID_INPUT",
         )
-    parsed = urlparse(uri)
-    if parsed.netloc not in ("", "localhost"):
-        raise PermanentError(f"file URI with a host is not supported: {uri}", code="INVALID_INPUT")
-    root = Path(allowed_file_root).expanduser().resolve()
-    # resolve() follows symlinks and '..', so neither can point outside the root.
-    path = Path(unquote(parsed.path)).resolve()
-    if not path.is_relative_to(root):
-        raise PermanentError(
-            f"input {uri} is outside the worker's allowed file root", code="INVALID_INPUT"
-        )
-    if not path.is_file():
-        raise PermanentError(f"input not found: {uri}", code="INPUT_NOT_FOUND")
-    return path
+    # The same check as the harness: symlinks and '..' resolved, then kept under the root.
+    return resolve_local_input(uri, Path(allowed_file_root))
 
 
 # -- blob:sha256: ------------------------------------------------------------------
