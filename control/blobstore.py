@@ -26,13 +26,13 @@ from typing import BinaryIO
 #: largest chunk an Upload may carry and the chunk size of Download
 CHUNK_BYTES = 1024 * 1024
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _URI_PREFIX = "blob:sha256:"
 
 
 def is_sha256(value: str) -> bool:
     """True for a lower-case 64-digit hex string."""
-    return bool(_SHA256_RE.match(value))
+    return bool(_SHA256_RE.fullmatch(value))
 
 
 def blob_uri(sha256: str) -> str:

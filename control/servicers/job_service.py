@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
+from control import validate
 from control.auth import current_principal
 from control.config import Settings
 from control.db import Database
 from control.errors import InvalidArgument
 from control.notify import Notifier
-from control.services.jobs import JobSpec, JobsService, parse_job_id
+from control.services.jobs import MAX_BATCH, JobSpec, JobsService, parse_job_id
 from spool.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -180,28 +181,33 @@ def worker_to_proto(row: Mapping[Any, Any]) -> job_pb2.Worker:
     )
 
 
-def _duration_ms(d: duration_pb2.Duration) -> int:
-    # Sign survives so validation can name a negative duration's field.
-    return d.seconds * 1000 + d.nanos // 1_000_000
+def spec_from_proto(spec: job_pb2.JobSpec, prefix: str = "job") -> JobSpec:
+    """A JobSpec message as the domain JobSpec.
 
-
-def spec_from_proto(spec: job_pb2.JobSpec) -> JobSpec:
-    """A JobSpec message as the domain JobSpec (validated later by the service)."""
-    not_before = None
-    if spec.HasField("not_before") and (spec.not_before.seconds or spec.not_before.nanos):
-        not_before = spec.not_before.ToDatetime(tzinfo=UTC)
+    Checks here what only the message shows (a Struct holding NaN, a Timestamp
+    or Duration out of its range, errors naming `<prefix>.<field>`); the
+    service checks the rest (`control.services.jobs.validate_spec`).
+    """
+    not_before = validate.not_before_time(f"{prefix}.not_before", spec.not_before)
+    params = validate.struct(f"{prefix}.params", spec.params) if spec.HasField("params") else {}
     return JobSpec(
         type=spec.type,
-        params=json_format.MessageToDict(spec.params) if spec.HasField("params") else {},
+        params=params,
         inputs=list(spec.inputs),
         priority=spec.priority,
         labels=dict(spec.labels),
         worker_selector=dict(spec.worker_selector),
         concurrency_key=spec.concurrency_key,
         concurrency_limit=spec.concurrency_limit,
-        min_start_interval_ms=_duration_ms(spec.min_start_interval),
+        min_start_interval_ms=validate.duration_ms(
+            f"{prefix}.min_start_interval",
+            spec.min_start_interval,
+            max_ms=validate.MAX_MIN_START_INTERVAL_MS,
+        ),
         not_before=not_before,
-        timeout_ms=_duration_ms(spec.timeout),
+        timeout_ms=validate.duration_ms(
+            f"{prefix}.timeout", spec.timeout, max_ms=validate.MAX_TIMEOUT_MS
+        ),
         max_attempts=spec.max_attempts,
         request_id=spec.request_id,
     )
@@ -229,7 +235,10 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> pb.SubmitBatchResponse:
         """Submit many jobs in one transaction."""
         tenant = current_principal().tenant
-        rows = await self.jobs.submit_batch(tenant, [spec_from_proto(j) for j in request.jobs])
+        if len(request.jobs) > MAX_BATCH:
+            raise InvalidArgument("jobs", f"at most {MAX_BATCH} jobs per batch")
+        specs = [spec_from_proto(j, f"jobs[{i}]") for i, j in enumerate(request.jobs)]
+        rows = await self.jobs.submit_batch(tenant, specs)
         return pb.SubmitBatchResponse(jobs=[job_to_proto(r) for r in rows])
 
     async def Get(
@@ -265,7 +274,7 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
     ) -> pb.CancelResponse:
         """Cancel a job (no-op when it already finished)."""
         tenant = current_principal().tenant
-        row = await self.jobs.cancel(tenant, parse_job_id(request.job_id), request.reason[:1000])
+        row = await self.jobs.cancel(tenant, parse_job_id(request.job_id), request.reason)
         return pb.CancelResponse(job=job_to_proto(row))
 
     async def WatchProgress(

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control import auth
+from control import auth, validate
 from control.blobstore import CHUNK_BYTES, BlobStore, PartialUpload, is_sha256, parse_blob_uri
 from control.config import Settings
 from control.db import Database
@@ -39,6 +39,10 @@ JOB_ID_HEADER = "spool-job-id"
 UPLOAD_LOCK_WAIT_S = 10.0
 #: rows deleted per garbage-collection transaction
 GC_BATCH = 500
+MAX_FILENAME_LEN = 1024
+MAX_CONTENT_TYPE_LEN = 256
+#: a blob URI is `blob:sha256:` and 64 hex digits; longer text is not even looked at
+MAX_URI_LEN = 200
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ def blob_dir(settings: Settings) -> Path:
 
 def sha_of(uri: str, field: str = "uri") -> str:
     """The sha256 of a ``blob:sha256:<hex>`` URI, or InvalidArgument naming `field`."""
-    sha = parse_blob_uri(uri)
+    sha = parse_blob_uri(uri) if len(uri) <= MAX_URI_LEN else None
     if sha is None:
         raise InvalidArgument(field, f"want blob:sha256:<64 hex digits>, got {uri[:100]!r}")
     return sha
@@ -137,10 +141,8 @@ class Blobs:
             raise InvalidArgument("header.size", "must be >= 0")
         if not 0 <= h.offset <= h.size:
             raise InvalidArgument("header.offset", f"must be between 0 and size ({h.size})")
-        if len(h.filename) > 1024:
-            raise InvalidArgument("header.filename", "at most 1024 characters")
-        if len(h.content_type) > 256:
-            raise InvalidArgument("header.content_type", "at most 256 characters")
+        validate.text("header.filename", h.filename, max_len=MAX_FILENAME_LEN)
+        validate.text("header.content_type", h.content_type, max_len=MAX_CONTENT_TYPE_LEN)
         quota = self.settings.blob_quota_bytes
         if quota and h.size > quota:
             raise ResourceExhausted(

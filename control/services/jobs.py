@@ -17,13 +17,13 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control import metrics
+from control import metrics, validate
 from control.config import Settings
 from control.db import Database
 from control.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -43,9 +43,6 @@ MAX_PARAMS_BYTES = 1024 * 1024
 MAX_TYPE_LEN = 200
 MAX_REQUEST_ID_LEN = 200
 MAX_KEY_LEN = 200
-MAX_LABELS = 64
-MAX_LABEL_KEY_LEN = 128
-MAX_LABEL_VALUE_LEN = 256
 MAX_INPUTS = 256
 MAX_INPUT_LEN = 4096
 INPUT_SCHEMES = ("blob:", "http://", "https://", "file://")
@@ -54,6 +51,8 @@ MAX_MAX_ATTEMPTS = 1000
 MAX_BATCH = 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_PAGE_TOKEN_LEN = 1024
+MAX_CANCEL_REASON_LEN = 1000
 #: events read per query while replaying history
 WATCH_BATCH = 500
 #: a watcher with no event for this long checks the database once (job deleted, …)
@@ -94,65 +93,72 @@ class Stats:
 
 def parse_job_id(text: str, field_name: str = "job_id") -> uuid.UUID:
     """A job id from a request: a UUID string, else INVALID_ARGUMENT naming the field."""
-    try:
-        return uuid.UUID(text)
-    except (ValueError, AttributeError, TypeError):
-        raise InvalidArgument(field_name, "must be a UUID") from None
+    return validate.job_id(field_name, text)
 
 
-def _check_map(values: Mapping[str, str], field_name: str) -> None:
-    if len(values) > MAX_LABELS:
-        raise InvalidArgument(field_name, f"at most {MAX_LABELS} entries")
-    for key, value in values.items():
-        if not key or len(key) > MAX_LABEL_KEY_LEN:
-            raise InvalidArgument(field_name, f"keys are 1..{MAX_LABEL_KEY_LEN} characters")
-        if len(value) > MAX_LABEL_VALUE_LEN:
-            raise InvalidArgument(field_name, f"values are at most {MAX_LABEL_VALUE_LEN} chars")
+def validate_spec(
+    spec: JobSpec, prefix: str, default_max_attempts: int, now: datetime | None = None
+) -> NewJob:
+    """Check every field of a spec (errors name `<prefix>.<field>`) and build the row to insert.
 
+    The limits are the documented ones (docs/control-plane.md, "Limits"):
+    nothing that Postgres cannot store (NUL, NaN/Infinity) and no duration or
+    time that could overflow a timestamp later (in the claim, in a retry).
+    """
 
-def validate_spec(spec: JobSpec, prefix: str, default_max_attempts: int) -> NewJob:
-    """Check every field of a spec (errors name `<prefix>.<field>`) and build the row to insert."""
+    def name(field_name: str) -> str:
+        return f"{prefix}.{field_name}"
 
-    def bad(name: str, why: str) -> InvalidArgument:
-        return InvalidArgument(f"{prefix}.{name}", why)
+    def bad(field_name: str, why: str) -> InvalidArgument:
+        return InvalidArgument(name(field_name), why)
 
-    job_type = spec.type.strip()
-    if not job_type:
-        raise bad("type", "required")
-    if len(job_type) > MAX_TYPE_LEN:
-        raise bad("type", f"at most {MAX_TYPE_LEN} characters")
-    if not MIN_PRIORITY <= spec.priority <= MAX_PRIORITY:
-        raise bad("priority", f"must be between {MIN_PRIORITY} and {MAX_PRIORITY}")
-    params_json = json.dumps(dict(spec.params), separators=(",", ":"), sort_keys=True)
-    if len(params_json.encode()) > MAX_PARAMS_BYTES:
-        raise bad("params", f"at most {MAX_PARAMS_BYTES} bytes once serialized")
+    job_type = validate.text(
+        name("type"), spec.type, max_len=MAX_TYPE_LEN, required=True, strip=True
+    )
+    validate.integer(name("priority"), spec.priority, lo=MIN_PRIORITY, hi=MAX_PRIORITY)
+    params = validate.json_value(name("params"), dict(spec.params), max_bytes=MAX_PARAMS_BYTES)
+    params_json = json.dumps(params, separators=(",", ":"), sort_keys=True, allow_nan=False)
     if len(spec.inputs) > MAX_INPUTS:
         raise bad("inputs", f"at most {MAX_INPUTS} inputs")
     for i, uri in enumerate(spec.inputs):
-        if not uri.startswith(INPUT_SCHEMES) or len(uri) > MAX_INPUT_LEN:
+        if (
+            not isinstance(uri, str)
+            or not uri.startswith(INPUT_SCHEMES)
+            or len(uri) > MAX_INPUT_LEN
+        ):
             raise bad(f"inputs[{i}]", f"must be a URI starting with one of {INPUT_SCHEMES}")
-    _check_map(spec.labels, f"{prefix}.labels")
-    _check_map(spec.worker_selector, f"{prefix}.worker_selector")
-    if len(spec.concurrency_key) > MAX_KEY_LEN:
-        raise bad("concurrency_key", f"at most {MAX_KEY_LEN} characters")
-    if spec.concurrency_limit < 0:
-        raise bad("concurrency_limit", "must not be negative")
-    if spec.min_start_interval_ms < 0:
-        raise bad("min_start_interval", "must not be negative")
-    if spec.timeout_ms < 0:
-        raise bad("timeout", "must not be negative")
-    if spec.max_attempts < 0 or spec.max_attempts > MAX_MAX_ATTEMPTS:
-        raise bad("max_attempts", f"must be between 0 (default) and {MAX_MAX_ATTEMPTS}")
-    if len(spec.request_id) > MAX_REQUEST_ID_LEN:
-        raise bad("request_id", f"at most {MAX_REQUEST_ID_LEN} characters")
+        validate.text(name(f"inputs[{i}]"), uri, max_len=MAX_INPUT_LEN)
+    labels = validate.label_map(name("labels"), spec.labels)
+    worker_selector = validate.label_map(name("worker_selector"), spec.worker_selector)
+    concurrency_key = validate.text(
+        name("concurrency_key"), spec.concurrency_key, max_len=MAX_KEY_LEN
+    )
+    validate.integer(name("concurrency_limit"), spec.concurrency_limit, lo=0, hi=validate.INT32_MAX)
+    validate.integer(
+        name("min_start_interval"),
+        spec.min_start_interval_ms,
+        lo=0,
+        hi=validate.MAX_MIN_START_INTERVAL_MS,
+    )
+    if spec.not_before is not None:
+        now = now or datetime.now(UTC)
+        validate.not_after(
+            name("not_before"),
+            spec.not_before,
+            now + validate.MAX_NOT_BEFORE_AHEAD,
+            what="1 year from now",
+        )
+    validate.integer(name("timeout"), spec.timeout_ms, lo=0, hi=validate.MAX_TIMEOUT_MS)
+    validate.integer(name("max_attempts"), spec.max_attempts, lo=0, hi=MAX_MAX_ATTEMPTS)
+    request_id = validate.text(name("request_id"), spec.request_id, max_len=MAX_REQUEST_ID_LEN)
     normalized = {
         "type": job_type,
         "params": json.loads(params_json),
         "inputs": list(spec.inputs),
         "priority": spec.priority,
-        "labels": dict(spec.labels),
-        "worker_selector": dict(spec.worker_selector),
-        "concurrency_key": spec.concurrency_key or None,
+        "labels": labels,
+        "worker_selector": worker_selector,
+        "concurrency_key": concurrency_key or None,
         "concurrency_limit": spec.concurrency_limit,
         "min_start_interval_ms": spec.min_start_interval_ms,
         "not_before": spec.not_before,
@@ -163,9 +169,7 @@ def validate_spec(spec: JobSpec, prefix: str, default_max_attempts: int) -> NewJ
     digest = hashlib.sha256(
         json.dumps(normalized, sort_keys=True, default=str).encode()
     ).hexdigest()
-    return NewJob(
-        id=uuid.uuid4(), request_id=spec.request_id or None, spec_hash=digest, **normalized
-    )
+    return NewJob(id=uuid.uuid4(), request_id=request_id or None, spec_hash=digest, **normalized)
 
 
 def encode_page_token(created_at: datetime, job_id: uuid.UUID) -> str:
@@ -175,16 +179,30 @@ def encode_page_token(created_at: datetime, job_id: uuid.UUID) -> str:
 
 
 def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
-    """The keyset position in a token, else INVALID_ARGUMENT page_token."""
+    """The keyset position in a token, else INVALID_ARGUMENT page_token.
+
+    Anything but a token this module made is refused the same way: not
+    base64, not JSON, not an object, a position that is not two strings, a
+    naive or out-of-range time, an id that is not a UUID.
+    """
+    malformed = InvalidArgument("page_token", "malformed; pass back a next_page_token")
+    if not isinstance(token, str) or len(token) > MAX_PAGE_TOKEN_LEN or not token.isascii():
+        raise malformed
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
-        created_at = datetime.fromisoformat(data["c"])
+        if not isinstance(data, dict):
+            raise malformed
+        created, ident = data.get("c"), data.get("i")
+        if not isinstance(created, str) or not isinstance(ident, str):
+            raise malformed
+        created_at = datetime.fromisoformat(created)
         if created_at.tzinfo is None:
-            raise ValueError("naive timestamp")
-        return created_at, uuid.UUID(data["i"])
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument("page_token", "malformed; pass back a next_page_token") from None
+            raise malformed
+        return created_at, uuid.UUID(ident)
+    except (ValueError, TypeError, OverflowError, RecursionError, binascii.Error):
+        # (UnicodeDecodeError and json.JSONDecodeError are ValueErrors.)
+        raise malformed from None
 
 
 def is_terminal_event(event: Row) -> bool:
@@ -300,6 +318,8 @@ class JobsService:
         """One page of the tenant's jobs, newest first, and the token of the next ('' at end)."""
         if page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
+        job_type = validate.text("type", job_type, max_len=MAX_TYPE_LEN)
+        labels = validate.label_map("labels", labels or {})
         for state in states:
             if state not in JOB_STATES:
                 raise InvalidArgument("states", f"unknown state {state!r}")
@@ -325,6 +345,7 @@ class JobsService:
 
     async def cancel(self, tenant: str, job_id: uuid.UUID, reason: str = "") -> Row:
         """QUEUED → CANCELED; RUNNING → cancel requested; terminal → unchanged."""
+        reason = validate.text("reason", reason, max_len=MAX_CANCEL_REASON_LEN)
 
         async def work(s: Any) -> Row:
             for _ in range(CANCEL_CAS_ROUNDS):

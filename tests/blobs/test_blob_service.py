@@ -209,6 +209,33 @@ async def test_bad_sha_and_bad_messages_store_nothing(cp, chan, tmp_path: Path) 
     assert n == 0 and not _objects(tmp_path / "blobs")
 
 
+async def test_odd_header_values_are_invalid_and_store_nothing(cp, chan, tmp_path: Path) -> None:
+    """Issue 8, hole 4: NUL in a name was INTERNAL; a sha256 with a newline was accepted."""
+    stub = blob_service_pb2_grpc.BlobServiceStub(chan)
+    data = b"some bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    for kw, field in [
+        ({"filename": "a\x00b"}, "header.filename"),
+        ({"content_type": "text/plain\x00"}, "header.content_type"),
+        ({"filename": "x" * 1025}, "header.filename"),
+        ({"sha": sha + "\n"}, "header.sha256"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _upload(stub, TENANT_A_KEY, data, **kw)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert err.value.details().startswith(field)
+    for uri in (f"blob:sha256:{sha}\n", "blob:sha256:" + "0" * 10_000, "blob:\x00"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Stat(pb.StatRequest(uri=uri), metadata=_md(TENANT_A_KEY))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _download(stub, TENANT_A_KEY, uri)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    async with cp.db.session() as s:
+        n = (await s.execute(sa.text("SELECT count(*) FROM blobs"))).scalar_one()
+    assert n == 0 and not _objects(tmp_path / "blobs")
+
+
 async def test_tenant_isolation(cp, chan) -> None:
     stub = blob_service_pb2_grpc.BlobServiceStub(chan)
     resp = await _upload(stub, TENANT_A_KEY, b"acme secret")
