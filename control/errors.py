@@ -8,7 +8,9 @@ else becomes INTERNAL with a generic message while the traceback goes to the log
 
 from __future__ import annotations
 
+import asyncpg.exceptions as pg
 import grpc
+import sqlalchemy.exc as sa_exc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -109,6 +111,88 @@ def to_status(exc: SpoolError) -> grpc.Status:
         code=getattr(code_pb2, exc.code.name), message=exc.message, details=details
     )
     return rpc_status.to_status(status)
+
+
+#: what a caller is told while the database cannot be reached (the cause goes to the log)
+UNAVAILABLE_MESSAGE = "database unavailable; retry later"
+#: the modules whose OSErrors and timeouts mean "the database cannot be reached"
+_DATABASE_MODULES = ("asyncpg", "sqlalchemy")
+#: asyncpg errors that mean the server is gone, going, not there yet, or full
+_PG_OUTAGE = (
+    pg.PostgresConnectionError,  # class 08: connection does not exist, failure, ...
+    pg.OperatorInterventionError,  # 57P01 admin shutdown, 57P02 crash, 57P03 cannot connect now
+    pg.TooManyConnectionsError,
+)
+#: how many causes (__cause__ / __context__ / .orig) are followed
+_CHAIN_LIMIT = 8
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it wraps: SQLAlchemy's `.orig`, then `__cause__` / `__context__`."""
+    seen: list[BaseException] = []
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < _CHAIN_LIMIT:
+        e = todo.pop(0)
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        for nxt in (getattr(e, "orig", None), e.__cause__, e.__context__):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+    return seen
+
+
+def _raised_by_database_driver(exc: BaseException) -> bool:
+    """True when the innermost frame that raised `exc` is in asyncpg or SQLAlchemy."""
+    tb = exc.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    return any(part in name for name in frames[-3:] for part in _DATABASE_MODULES)
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` says the database cannot be reached now (retrying later may work).
+
+    Connection-level failures only, never a bad statement: SQLAlchemy's
+    DBAPIError marked `connection_invalidated`, its pool TimeoutError and
+    DisconnectionError; asyncpg's connection errors (class 08), operator
+    intervention (admin / crash shutdown, cannot connect now), too many
+    connections, an InterfaceError on a closed connection; and a
+    ConnectionError / OSError / TimeoutError raised from inside the driver
+    (refused, reset, a missing unix socket while the server restarts).
+    """
+    for e in _chain(exc):
+        if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
+            return True
+        if isinstance(e, sa_exc.TimeoutError | sa_exc.DisconnectionError):
+            return True
+        # (OperatorInterventionError also covers query_canceled, 57014: not an outage.)
+        if isinstance(e, _PG_OUTAGE) and not isinstance(e, pg.QueryCanceledError):
+            return True
+        if isinstance(e, pg.InterfaceError) and "connection" in str(e) and "closed" in str(e):
+            return True
+        if isinstance(e, ConnectionError):
+            return True
+        if isinstance(e, OSError | TimeoutError) and _raised_by_database_driver(e):
+            return True
+    return False
+
+
+def unavailable_status() -> grpc.Status:
+    """The status for a database outage: UNAVAILABLE, retryable, nothing about the cause."""
+    return rpc_status.to_status(
+        status_pb2.Status(
+            code=code_pb2.UNAVAILABLE,
+            message=UNAVAILABLE_MESSAGE,
+            details=[
+                _pack(
+                    error_details_pb2.ErrorInfo(reason="DATABASE_UNAVAILABLE", domain=ERROR_DOMAIN)
+                )
+            ],
+        )
+    )
 
 
 def internal_status() -> grpc.Status:

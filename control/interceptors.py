@@ -1,9 +1,10 @@
-"""Server interceptors, one concern each: request id + access log, error mapping.
+"""Server interceptors, one concern each: request id + access log, error mapping, parsing.
 
 (Authentication lives in control.auth.) Each interceptor is a `ScopeInterceptor`:
 it wraps every handler of every kind (unary or streaming, either side) in one
 async context manager, `scope(details, context)`, entered before the handler
-runs and left after it ends, whatever way it ends.
+runs and left after it ends, whatever way it ends. `MalformedRequestInterceptor`
+is the exception: it changes how requests are parsed (see there).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from typing import Any
 
 import grpc
 
-from control.errors import SpoolError, abort_with, internal_status, to_status
+from control.errors import (
+    InvalidArgument,
+    SpoolError,
+    abort_with,
+    internal_status,
+    is_database_unavailable,
+    to_status,
+    unavailable_status,
+)
 from control.logs import request_id_var
 
 log = logging.getLogger("spool.rpc")
@@ -143,6 +152,121 @@ class ErrorInterceptor(ScopeInterceptor):
             await abort_with(context, to_status(exc))
         except grpc.aio.AbortError:
             raise
-        except Exception:
+        except Exception as exc:
+            if is_database_unavailable(exc):
+                # An outage, not a bug: the caller may retry; one line, no traceback.
+                log.warning(
+                    "database unavailable in %s: %s: %s",
+                    details.method,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:300] if str(exc) else "",
+                )
+                await abort_with(context, unavailable_status())
             log.exception("unexpected error in %s", details.method)
             await abort_with(context, internal_status())
+
+
+class _Malformed:
+    """Stands in for a request message whose bytes could not be parsed."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def error(self) -> InvalidArgument:
+        """The INVALID_ARGUMENT the caller gets (no parser class names, no offsets)."""
+        return InvalidArgument("request", f"not a valid {self.type_name} message")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, but returning a `_Malformed` instead of raising."""
+    if deserializer is None:
+        return None
+    message_class = getattr(deserializer, "__self__", None)
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    type_name = getattr(descriptor, "full_name", "protobuf")
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:
+            return _Malformed(type_name)
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The request stream, raising InvalidArgument at the first malformed message."""
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise request.error()
+        yield request
+
+
+def _refuse_unary(behavior: Callable[..., Any]) -> Any:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, _Malformed):
+                raise request.error()
+            async with aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            raise request.error()
+        return await behavior(request, context)
+
+    return unary
+
+
+def _refuse_stream(behavior: Callable[..., Any]) -> Any:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with aclosing(behavior(_checked(requests), context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
+
+    async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await behavior(_checked(requests), context)
+
+    return unary
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Malformed request bytes → INVALID_ARGUMENT "request: not a valid <type> message".
+
+    grpc.aio calls the handler's `request_deserializer` itself: when it raises,
+    a unary request gets UNKNOWN with the parser's exception class in the
+    message, and a streamed one surfaces as an unexpected error (INTERNAL).
+    So the deserializer is replaced by one that hands a `_Malformed` marker
+    to the handler instead, and the handler is wrapped to raise InvalidArgument
+    for it (for streams: at the malformed message, as the handler reads it).
+    Installed innermost, so the error interceptor maps that InvalidArgument
+    and authentication still comes first.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """The handler with a tolerant deserializer and a check of what it parsed."""
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_refuse_unary(handler.unary_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_refuse_unary(handler.unary_stream))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_refuse_stream(handler.stream_unary))
+        return handler._replace(stream_stream=_refuse_stream(handler.stream_stream))

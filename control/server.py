@@ -32,7 +32,11 @@ from control import auth, metrics, migrations
 from control.config import Settings
 from control.db import Database
 from control.embedded import EmbeddedPostgres
-from control.interceptors import ErrorInterceptor, RequestIdInterceptor
+from control.interceptors import (
+    ErrorInterceptor,
+    MalformedRequestInterceptor,
+    RequestIdInterceptor,
+)
 from control.notify import Notifier
 from control.servicers.blob_service import BlobService
 from control.servicers.job_service import JobService, job_to_proto
@@ -265,6 +269,8 @@ async def start_server(
         RequestIdInterceptor(),
         auth.AuthInterceptor(_keys(settings)),
         ErrorInterceptor(),
+        # Innermost: its INVALID_ARGUMENT for unparsable bytes goes through the error mapping.
+        MalformedRequestInterceptor(),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     health_servicer = health.aio.HealthServicer()
