@@ -143,13 +143,19 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _raised_by_database_driver(exc: BaseException) -> bool:
-    """True when the innermost frame that raised `exc` is in asyncpg or SQLAlchemy."""
+    """True when `exc` travelled through asyncpg or SQLAlchemy on its way up.
+
+    (A unix socket that is gone while Postgres restarts is a FileNotFoundError
+    raised by asyncio under asyncpg's connect; the same error from a blob file
+    never passes through the driver.)
+    """
     tb = exc.__traceback__
-    frames = []
     while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_filename)
+        name = tb.tb_frame.f_code.co_filename
+        if any(f"{part}/" in name or f"{part}\\" in name for part in _DATABASE_MODULES):
+            return True
         tb = tb.tb_next
-    return any(part in name for name in frames[-3:] for part in _DATABASE_MODULES)
+    return False
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
