@@ -195,8 +195,8 @@ def _import_fetch() -> Any:
 _BLOB_CLIENT: list[Any] = []
 
 
-def _blob_client(config: dict[str, Any], job_id: str) -> Any:
-    """The slot's BlobService client acting for `job_id`, or None without a server."""
+def _blob_client(config: dict[str, Any], job_id: str, attempt: int) -> Any:
+    """The slot's BlobService client acting for this attempt, or None without a server."""
     fetch = _import_fetch()
     conn = config.get("connection")
     if fetch is None or not conn or not conn.get("server"):
@@ -208,13 +208,14 @@ def _blob_client(config: dict[str, Any], job_id: str) -> Any:
             fetch.BlobClient.connect(
                 conn["server"],
                 token=conn.get("token") or None,
+                worker_id=config.get("worker_id") or None,
                 credentials=channel_credentials(conn),
             )
         )
-    return _BLOB_CLIENT[0].for_job(job_id)
+    return _BLOB_CLIENT[0].for_job(job_id, attempt)
 
 
-def _make_fetcher(config: dict[str, Any], job_id: str, ctx_holder: list) -> Any:
+def _make_fetcher(config: dict[str, Any], job_id: str, attempt: int, ctx_holder: list) -> Any:
     """An input fetcher backed by `worker.fetch.fetch_input`, or None (local files only)."""
     fetch = _import_fetch()
     if fetch is None:
@@ -225,7 +226,7 @@ def _make_fetcher(config: dict[str, Any], job_id: str, ctx_holder: list) -> Any:
         return fetch.fetch_input(
             uri,
             dest,
-            blob_client=_blob_client(config, job_id),
+            blob_client=_blob_client(config, job_id, attempt),
             allowed_file_root=Path(root) if root else None,
             on_progress=ctx_holder[0].progress if ctx_holder else None,
             is_cancelled=is_cancelled,
@@ -239,7 +240,7 @@ def _upload_outputs(config: dict[str, Any], job: dict[str, Any], outputs: dict[s
     if not outputs:
         return []
     fetch = _import_fetch()
-    client = _blob_client(config, job["job_id"])
+    client = _blob_client(config, job["job_id"], job["attempt"])
     if fetch is None or client is None:
         keep = Path(config["workdir_root"]) / "outputs" / job["job_id"]
         keep.mkdir(parents=True, exist_ok=True)
@@ -250,7 +251,7 @@ def _upload_outputs(config: dict[str, Any], job: dict[str, Any], outputs: dict[s
             uris.append(dest.resolve().as_uri())
         return uris
     return [
-        fetch.upload_output(p, blob_client=client, tenant=job.get("tenant"), job_id=job["job_id"])
+        fetch.upload_output(p, blob_client=client, tenant=job.get("tenant"))
         for p in outputs.values()
     ]
 
@@ -285,7 +286,7 @@ def _run_one(
         inputs=job.get("inputs", []),
         workdir=workdir,
         logger=logging.getLogger(f"spool.job.{job['type']}"),
-        fetcher=_make_fetcher(config, job["job_id"], holder),
+        fetcher=_make_fetcher(config, job["job_id"], job["attempt"], holder),
         allowed_file_root=Path(config["file_root"]) if config.get("file_root") else None,
     )
     holder.append(ctx)

@@ -79,6 +79,10 @@ class SlotPool:
             self._spawn(slot)
         return await self._first_ready
 
+    def configure(self, **values: Any) -> None:
+        """Add settings for the slot processes (before `start`), e.g. the worker id."""
+        self._config.update(values)
+
     def _spawn(self, slot: Slot) -> None:
         parent_conn, child_conn = self._mp.Pipe(duplex=True)
         slot.cancel_event = self._mp.Event()

@@ -87,10 +87,11 @@ _TRANSIENT_CODES = {
 class BlobClient:
     """A blocking BlobService client: a channel, the worker's key and the job it acts for.
 
-    Workers call BlobService on behalf of a job: the ``spool-job-id`` metadata
-    tells the control plane which job (and so which tenant) the call is for.
-    Build one per worker with `connect` and derive per-job clients with
-    `for_job` (they share the channel).
+    Workers call BlobService on behalf of the attempt they hold: the
+    ``spool-job-id``, ``spool-worker-id`` and ``spool-attempt`` metadata tell the
+    control plane which job (and so which tenant) the call is for, and let it
+    check that this worker holds that attempt. Build one per worker with
+    `connect` and derive per-attempt clients with `for_job` (they share the channel).
     """
 
     def __init__(
@@ -99,11 +100,15 @@ class BlobClient:
         *,
         token: str | None = None,
         job_id: str | None = None,
+        worker_id: str | None = None,
+        attempt: int | None = None,
         owns_channel: bool = False,
     ) -> None:
         self.channel = channel
         self.token = token
         self.job_id = job_id
+        self.worker_id = worker_id
+        self.attempt = attempt
         self._owns_channel = owns_channel
         self._stub = blob_service_pb2_grpc.BlobServiceStub(channel)
 
@@ -114,6 +119,7 @@ class BlobClient:
         *,
         token: str | None = None,
         job_id: str | None = None,
+        worker_id: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> BlobClient:
         """Open a channel to `address` (TLS when `credentials` is given)."""
@@ -121,19 +127,29 @@ class BlobClient:
             channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
         else:
             channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        return cls(channel, token=token, job_id=job_id, owns_channel=True)
+        return cls(channel, token=token, job_id=job_id, worker_id=worker_id, owns_channel=True)
 
-    def for_job(self, job_id: str | None) -> BlobClient:
-        """A client sharing this channel that acts for `job_id`."""
-        return BlobClient(self.channel, token=self.token, job_id=job_id)
+    def for_job(self, job_id: str | None, attempt: int | None = None) -> BlobClient:
+        """A client sharing this channel that acts for attempt `attempt` of `job_id`."""
+        return BlobClient(
+            self.channel,
+            token=self.token,
+            job_id=job_id,
+            worker_id=self.worker_id,
+            attempt=attempt,
+        )
 
     def metadata(self) -> list[tuple[str, str]]:
-        """Call metadata: the bearer token and the job id, when set."""
+        """Call metadata: the bearer token, and the job, worker and attempt, when set."""
         md = []
         if self.token:
             md.append(("authorization", f"Bearer {self.token}"))
         if self.job_id:
             md.append(("spool-job-id", self.job_id))
+        if self.worker_id:
+            md.append(("spool-worker-id", self.worker_id))
+        if self.attempt is not None:
+            md.append(("spool-attempt", str(self.attempt)))
         return md
 
     def stat(self, uri: str, *, timeout: float = 30.0) -> blob_service_pb2.StatResponse:
@@ -495,21 +511,24 @@ def upload_output(
     blob_client: BlobClient,
     tenant: str | None = None,
     job_id: str | None = None,
+    attempt: int | None = None,
     content_type: str | None = None,
     max_retries: int = MAX_RETRIES,
     retry_backoff_s: float = RETRY_BACKOFF_S,
 ) -> str:
     """Upload `path` to BlobService and return its ``blob:sha256:<hex>`` URI.
 
-    The blob lands in the tenant of the job the client acts for (`job_id`
-    overrides the client's); `tenant` is accepted for symmetry and not sent —
+    The blob lands in the tenant of the job the client acts for (`job_id` and
+    `attempt` override the client's); `tenant` is accepted for symmetry and not sent —
     the control plane decides the tenant from the job, never from the worker.
     Content the tenant already has is not sent again; a broken upload resumes
     from the bytes the server holds.
     """
     del tenant
     path = Path(path)
-    client = blob_client.for_job(job_id) if job_id else blob_client
+    client = blob_client
+    if job_id and (job_id, attempt) != (blob_client.job_id, blob_client.attempt):
+        client = blob_client.for_job(job_id, attempt)
     sha, size = file_sha256(path)
     uri = f"blob:sha256:{sha}"
     ctype = content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -98,9 +98,12 @@ class BlobService(blob_service_pb2_grpc.BlobServiceServicer):
         self, request: blob_service_pb2.DownloadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[blob_service_pb2.DownloadResponse]:
         """The blob (or offset/length of it) in 1 MiB chunks; the first message carries Blob."""
-        tenant = await self.blobs.tenant_for(context.invocation_metadata())
+        access = await self.blobs.access_for(context.invocation_metadata())
         sha = sha_of(request.uri)
-        row, chunks = await self.blobs.open_download(tenant, sha, request.offset, request.length)
+        access.check_read(sha)
+        row, chunks = await self.blobs.open_download(
+            access.tenant, sha, request.offset, request.length
+        )
         blob = blob_message(row)
         first = True
         async with aclosing(chunks) as stream:

@@ -3,10 +3,12 @@
 The servicer (`control.servicers.blob_service`) converts protobuf; this module
 decides; `control.store.blobs` holds the SQL and `control.blobstore` the files.
 
-Tenancy: a client key acts for its own tenant. A worker key acts for a job:
-it names it in the ``spool-job-id`` metadata, the job must be RUNNING, and the
-call uses the job's tenant (downloads must be that tenant's blobs — which every
-``blob:`` input of the job is, since Submit checks them; uploads land there).
+Tenancy: a client key acts for its own tenant. A worker key acts for the
+attempt it holds: it names the job, its worker id and the attempt in the
+``spool-job-id``, ``spool-worker-id`` and ``spool-attempt`` metadata; the job
+must be RUNNING that attempt on that worker, the worker id must be registered
+to the calling key, and the call uses the job's tenant: downloads only of the
+job's ``blob:`` inputs, uploads (its outputs) land in that tenant.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from control import auth, validate
 from control.blobstore import CHUNK_BYTES, BlobStore, PartialUpload, is_sha256, parse_blob_uri
 from control.config import Settings
 from control.db import Database
-from control.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from control.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from control.periodic import Periodic
 from control.store import blobs as store
 
@@ -35,6 +43,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 JOB_ID_HEADER = "spool-job-id"
+#: with a worker key, the worker and the attempt of that job it holds
+WORKER_ID_HEADER = "spool-worker-id"
+ATTEMPT_HEADER = "spool-attempt"
+_WORKER_HEADERS = (JOB_ID_HEADER, WORKER_ID_HEADER, ATTEMPT_HEADER)
 #: a resumed upload waits this long for the broken stream's handler to let go
 UPLOAD_LOCK_WAIT_S = 10.0
 #: rows deleted per garbage-collection transaction
@@ -43,6 +55,20 @@ MAX_FILENAME_LEN = 1024
 MAX_CONTENT_TYPE_LEN = 256
 #: a blob URI is `blob:sha256:` and 64 hex digits; longer text is not even looked at
 MAX_URI_LEN = 200
+
+
+@dataclass(frozen=True)
+class Access:
+    """Whose blobs a call may touch: a tenant's, and for a worker only its job's inputs."""
+
+    tenant: str
+    #: the sha256s a worker may download (its attempt's inputs); None: any of the tenant's
+    readable: frozenset[str] | None = None
+
+    def check_read(self, sha: str) -> None:
+        """NOT_FOUND unless the caller may read blob `sha`."""
+        if self.readable is not None and sha not in self.readable:
+            raise NotFound(f"blob sha256:{sha} is not an input of this job")
 
 
 @dataclass(frozen=True)
@@ -90,22 +116,46 @@ class Blobs:
     # -- who ---------------------------------------------------------------------------
     async def tenant_for(self, metadata: Sequence[tuple[str, Any]] | None) -> str:
         """The tenant this call acts for (see the module docstring)."""
+        return (await self.access_for(metadata)).tenant
+
+    async def access_for(self, metadata: Sequence[tuple[str, Any]] | None) -> Access:
+        """Whose blobs this call may touch (see the module docstring)."""
         principal = auth.current_principal()
-        job_header = next((str(v) for k, v in metadata or () if k == JOB_ID_HEADER), "")
+        headers = {k: str(v) for k, v in metadata or () if k in _WORKER_HEADERS}
+        job_header = headers.get(JOB_ID_HEADER, "")
         if principal.role == auth.CLIENT or (principal.role == auth.ADMIN and not job_header):
-            return principal.tenant
+            return Access(principal.tenant)
         if not job_header:
             raise InvalidArgument(JOB_ID_HEADER, "a worker key must name the job it acts for")
         try:
             job_id = uuid.UUID(job_header)
         except ValueError:
             raise InvalidArgument(JOB_ID_HEADER, "not a UUID") from None
-        job = await self._tx(lambda s: store.job_for_worker(s, job_id))
-        if job is None:
+        worker_id = headers.get(WORKER_ID_HEADER, "")
+        if not worker_id or len(worker_id) > 200 or "\x00" in worker_id:
+            raise InvalidArgument(WORKER_ID_HEADER, "a worker key must name its worker id")
+        try:
+            attempt = int(headers.get(ATTEMPT_HEADER, ""))
+        except ValueError:
+            raise InvalidArgument(ATTEMPT_HEADER, "the attempt it acts for, a number") from None
+        job = await self._tx(lambda s: store.job_for_worker(s, job_id, worker_id))
+        tenants = principal.job_tenants
+        if job is None or (tenants is not None and job["tenant"] not in tenants):
             raise NotFound(f"job {job_id} not found")
         if job["state"] != "running":
             raise FailedPrecondition(f"job {job_id} is {job['state']}, not running")
-        return str(job["tenant"])
+        if job["worker_owner"] is None or (
+            principal.role != auth.ADMIN and job["worker_owner"] != principal.owner
+        ):
+            raise PermissionDenied(f"worker {worker_id!r} is not registered to this key")
+        if job["worker_id"] != worker_id or job["attempt"] != attempt:
+            raise PermissionDenied(
+                f"job {job_id} attempt {attempt} is not held by worker {worker_id!r}"
+            )
+        inputs = frozenset(
+            sha for sha in (parse_blob_uri(u) for u in job["inputs"] or ()) if sha is not None
+        )
+        return Access(str(job["tenant"]), inputs)
 
     # -- upload ------------------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -172,12 +172,21 @@ async def missing_blobs(session: AsyncSession, tenant: str, uris: Iterable[str])
     return [u for u in wanted if shas[u] not in present]
 
 
-_JOB_SQL = sa.text("SELECT tenant, state, inputs FROM jobs WHERE id = :id").columns(inputs=JSONB)
+# The job a worker says it acts for, with the owner (key) of the worker id it
+# names: the call is allowed only for the attempt that worker holds.
+_JOB_SQL = sa.text(
+    """
+    SELECT j.tenant, j.state, j.attempt, j.worker_id, j.inputs,
+           (SELECT w.owner FROM workers AS w WHERE w.id = :worker_id) AS worker_owner
+    FROM jobs AS j WHERE j.id = :id
+    """
+).columns(inputs=JSONB)
 
 
-async def job_for_worker(session: AsyncSession, job_id: uuid.UUID) -> Row | None:
-    """tenant, state and inputs of a job a worker says it acts for (any tenant)."""
-    row = (await session.execute(_JOB_SQL, {"id": job_id})).first()
+async def job_for_worker(session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> Row | None:
+    """tenant, state, attempt, holder and inputs of a job a worker says it acts for (any
+    tenant), and the owner of `worker_id` (None when no such worker is registered)."""
+    row = (await session.execute(_JOB_SQL, {"id": job_id, "worker_id": worker_id})).first()
     return row._mapping if row else None
 
 

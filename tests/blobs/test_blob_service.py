@@ -248,16 +248,35 @@ async def test_tenant_isolation(cp, chan) -> None:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def _job(cp, tenant: str, state: str, inputs: list[str]) -> str:
-    """Insert a job row in `state` (test setup: the worker stream is not under test here)."""
+#: the worker id the blob tests act as (registered to WORKER_KEY, tenant acme)
+WORKER_ID = "blob-test-worker"
+
+
+async def _job(cp, tenant: str, state: str, inputs: list[str], worker_id: str = WORKER_ID) -> str:
+    """Insert a job row in `state`, attempt 1 held by `worker_id` (the worker stream is not
+    under test here), and register that worker id to WORKER_KEY's tenant/role."""
     job_id = uuid.uuid4()
     async with cp.db.session() as s, s.begin():
         await s.execute(
             sa.text(
-                "INSERT INTO jobs (id, tenant, type, inputs, max_attempts, state) "
-                "VALUES (:id, :tenant, 'model.infer', CAST(:inputs AS jsonb), 1, :state)"
+                "INSERT INTO workers (id, owner, tenant) VALUES (:w, 'acme/worker', 'acme') "
+                "ON CONFLICT (id) DO NOTHING"
             ),
-            {"id": job_id, "tenant": tenant, "inputs": json.dumps(inputs), "state": state},
+            {"w": worker_id},
+        )
+        await s.execute(
+            sa.text(
+                "INSERT INTO jobs (id, tenant, type, inputs, max_attempts, state, attempt, "
+                "worker_id) VALUES (:id, :tenant, 'model.infer', CAST(:inputs AS jsonb), 1, "
+                ":state, 1, :w)"
+            ),
+            {
+                "id": job_id,
+                "tenant": tenant,
+                "inputs": json.dumps(inputs),
+                "state": state,
+                "w": worker_id,
+            },
         )
     return str(job_id)
 
@@ -271,8 +290,8 @@ async def test_worker_fetch_and_upload_for_a_running_job(cp, chan, tmp_path: Pat
     calls: list[dict] = []
 
     def worker_side() -> tuple[Path, str]:
-        with BlobClient.connect(cp.address, token=WORKER_KEY) as client:
-            job_client = client.for_job(job_id)
+        with BlobClient.connect(cp.address, token=WORKER_KEY, worker_id=WORKER_ID) as client:
+            job_client = client.for_job(job_id, 1)
             path = fetch_input(
                 uri,
                 tmp_path / "in",
@@ -281,9 +300,9 @@ async def test_worker_fetch_and_upload_for_a_running_job(cp, chan, tmp_path: Pat
             )
             out = tmp_path / "result.npy"
             out.write_bytes(b"result bytes" * 1000)
-            out_uri = upload_output(out, blob_client=client, job_id=job_id)
+            out_uri = upload_output(out, blob_client=client, job_id=job_id, attempt=1)
             # Without a job, or for a job that is not running: refused.
-            for bad in (client, client.for_job(queued)):
+            for bad in (client, client.for_job(queued, 1)):
                 try:
                     fetch_input(uri, tmp_path / "x", blob_client=bad, max_retries=0)
                 except RetryableError as exc:
@@ -301,6 +320,41 @@ async def test_worker_fetch_and_upload_for_a_running_job(cp, chan, tmp_path: Pat
     assert got == b"result bytes" * 1000 and msgs[0].blob.filename == "result.npy"
     with pytest.raises(grpc.aio.AioRpcError):
         await _download(stub, TENANT_B_KEY, out_uri)
+
+
+async def test_a_worker_reads_only_the_inputs_of_the_attempt_it_holds(cp, chan) -> None:
+    """A worker key cannot read another tenant's blobs, nor blobs that are not inputs of
+    the attempt it holds, nor act for another worker's attempt or a worker id not its own."""
+    stub = blob_service_pb2_grpc.BlobServiceStub(chan)
+    mine = (await _upload(stub, TENANT_A_KEY, b"an input of the job")).blob.uri
+    other = (await _upload(stub, TENANT_A_KEY, b"acme, but not an input")).blob.uri
+    secret = (await _upload(stub, TENANT_B_KEY, b"globex's secret")).blob.uri
+    job_id = await _job(cp, "acme", "running", [mine])
+    theirs = await _job(cp, "globex", "running", [secret], worker_id="globex-worker")
+
+    def md(job: str, worker_id: str = WORKER_ID, attempt: int = 1) -> list[tuple[str, str]]:
+        return [
+            *_md(WORKER_KEY, job),
+            ("spool-worker-id", worker_id),
+            ("spool-attempt", str(attempt)),
+        ]
+
+    async def download(uri: str, metadata: list[tuple[str, str]]) -> bytes:
+        call = stub.Download(pb.DownloadRequest(uri=uri), metadata=metadata)
+        return b"".join([m.chunk async for m in call])
+
+    assert await download(mine, md(job_id)) == b"an input of the job"
+    refused = {
+        "not an input": (other, md(job_id), grpc.StatusCode.NOT_FOUND),
+        "another tenant's job": (secret, md(theirs, "globex-worker"), grpc.StatusCode.NOT_FOUND),
+        "a stale attempt": (mine, md(job_id, attempt=2), grpc.StatusCode.PERMISSION_DENIED),
+        "another worker id": (mine, md(job_id, "someone-else"), grpc.StatusCode.PERMISSION_DENIED),
+        "no worker id": (mine, _md(WORKER_KEY, job_id), grpc.StatusCode.INVALID_ARGUMENT),
+    }
+    for what, (uri, metadata, code) in refused.items():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await download(uri, metadata)
+        assert err.value.code() == code, what
 
 
 async def test_fetch_missing_blob_is_permanent(cp, tmp_path: Path) -> None:
