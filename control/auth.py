@@ -15,6 +15,9 @@ Keys come from a file (`SPOOL_API_KEYS_FILE`, JSON or TOML):
 
 or inline (`SPOOL_API_KEYS="sk-acme-1:acme:client,wk-fleet-1:acme:worker"`).
 With auth off every caller is tenant "default" with role "admin" (any service).
+
+A worker key's workers run only its tenant's jobs; a worker key of tenant "*"
+is a shared fleet key (its workers run every tenant's jobs).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ WORKER = "worker"
 ADMIN = "admin"
 ROLES = (CLIENT, WORKER)
 DEFAULT_TENANT = "default"
+#: the tenant of a shared fleet's worker keys: their workers run every tenant's jobs
+FLEET_TENANT = "*"
 
 # Which roles may call each service; services not listed are open to anyone.
 SERVICE_ROLES: dict[str, frozenset[str]] = {
@@ -62,6 +67,18 @@ class Principal:
             return True
         roles = SERVICE_ROLES.get(service)
         return roles is None or self.role in roles
+
+    @property
+    def owner(self) -> str:
+        """Who registers a worker id with this key ("<tenant>/<role>")."""
+        return f"{self.tenant}/{self.role}"
+
+    @property
+    def job_tenants(self) -> tuple[str, ...] | None:
+        """The tenants whose jobs a worker with this key may run; None: all (a shared fleet)."""
+        if self.role == ADMIN or self.tenant == FLEET_TENANT:
+            return None
+        return (self.tenant,)
 
 
 ANONYMOUS = Principal(DEFAULT_TENANT, ADMIN)
@@ -104,6 +121,8 @@ def _principal_from(key: str, entry: Any) -> Principal:
     role = entry.get("role", CLIENT)
     if role not in ROLES:
         raise ValueError(f"API key {key[:4]}…: role must be one of {ROLES}, not {role!r}")
+    if entry["tenant"] == FLEET_TENANT and role != WORKER:
+        raise ValueError(f"API key {key[:4]}…: tenant {FLEET_TENANT!r} is for worker keys only")
     return Principal(str(entry["tenant"]), role)
 
 

@@ -36,6 +36,11 @@ DB_POOL_SIZE = Gauge(
 )
 
 SUBMITTED = Counter("spool_jobs_submitted_total", "Jobs submitted.", ["type"])
+IGNORED = Counter(
+    "spool_worker_messages_ignored_total",
+    "Worker outcomes refused by fencing (stale attempt), by message kind.",
+    ["kind"],
+)
 DISPATCHED = Counter("spool_jobs_dispatched_total", "Attempts assigned to workers.", ["type"])
 FINISHED = Counter(
     "spool_jobs_finished_total", "Jobs that reached a terminal state.", ["type", "state"]

@@ -142,6 +142,10 @@ workers = sa.Table(
     sa.Column("connected_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("last_heartbeat_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("disconnected_at", sa.DateTime(timezone=True), nullable=True),
+    # "<tenant>/<role>" of the key that registered the id (another key is refused)
+    sa.Column("owner", sa.Text, nullable=False, server_default=""),
+    # the tenant whose jobs it runs, or "*" for a shared fleet
+    sa.Column("tenant", sa.Text, nullable=False, server_default="*"),
 )
 
 # Per (tenant, concurrency key) bookkeeping for the minimum start interval;

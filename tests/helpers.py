@@ -26,6 +26,10 @@ TENANT_A_KEY = "test-key-acme"
 TENANT_B_KEY = "test-key-globex"
 #: a worker key (tenant "acme"): may call WorkerService and BlobService only
 WORKER_KEY = "test-key-worker"
+#: a worker key of tenant "globex" (its workers run only globex's jobs)
+WORKER_B_KEY = "test-key-worker-globex"
+#: a shared fleet's worker key (tenant "*": its workers run every tenant's jobs)
+FLEET_KEY = "test-key-fleet"
 TENANT_A = "acme"
 TENANT_B = "globex"
 API_KEYS = ",".join(
@@ -33,6 +37,8 @@ API_KEYS = ",".join(
         f"{TENANT_A_KEY}:{TENANT_A}:client",
         f"{TENANT_B_KEY}:{TENANT_B}:client",
         f"{WORKER_KEY}:{TENANT_A}:worker",
+        f"{WORKER_B_KEY}:{TENANT_B}:worker",
+        f"{FLEET_KEY}:*:worker",
     ]
 )
 

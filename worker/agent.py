@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -99,11 +100,12 @@ class JobRun:
 
 @dataclass
 class _Out:
-    """One queued stream message. Durable ones survive a reconnect."""
+    """Queued stream messages (written in order). Durable ones survive a reconnect."""
 
-    msg: Req
+    msgs: tuple[Req, ...]
     durable: bool
-    #: set on a job's terminal message: the job is forgotten once it is written
+    #: set on an attempt's outcome: once written it waits for control's Ack, and
+    #: is resent after a reconnect until then
     done_key: JobKey | None = None
 
 
@@ -111,21 +113,53 @@ def _ref(key: JobKey) -> worker_service_pb2.AttemptRef:
     return worker_service_pb2.AttemptRef(job_id=key[0], attempt=key[1])
 
 
+#: the int64 range of Progress.done / total
+_INT64_MAX = 2**63 - 1
+#: an ETA beyond this (a year) is no estimate: it is left out
+_MAX_ETA_S = 366 * 24 * 3600.0
+
+
+def _text(value: Any) -> str:
+    """Text a protobuf string field accepts (valid UTF-8), whatever a handler passed."""
+    return str(value or "").encode("utf-8", "replace").decode("utf-8")
+
+
+def _finite(value: Any, lo: float, hi: float) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return x if math.isfinite(x) and lo <= x <= hi else None
+
+
 def progress_to_proto(p: dict[str, Any]) -> job_pb2.Progress:
-    """A progress dict (worker._context.build_progress) as a `Progress` message."""
+    """A progress dict (worker._context.build_progress) as a `Progress` message.
+
+    Values a message cannot carry (NaN, ±Infinity, out-of-range numbers or
+    times, text that is not UTF-8) are replaced, so odd progress never
+    stops the stream: control stores what it can.
+    """
+
+    def count(key: str) -> int:
+        x = _finite(p.get(key, 0), 0, _INT64_MAX)
+        return int(x) if x is not None else 0
+
     msg = job_pb2.Progress(
-        fraction=p.get("fraction", 0.0),
-        stage=p.get("stage", ""),
-        message=p.get("message", ""),
-        done=p.get("done", 0),
-        total=p.get("total", 0),
-        unit=p.get("unit", ""),
-        rate=p.get("rate", 0.0),
+        fraction=_finite(p.get("fraction", 0.0), 0.0, 1.0) or 0.0,
+        stage=_text(p.get("stage")),
+        message=_text(p.get("message")),
+        done=count("done"),
+        total=count("total"),
+        unit=_text(p.get("unit")),
+        rate=_finite(p.get("rate", 0.0), 0.0, math.inf) or 0.0,
     )
-    if p.get("eta_s") is not None:
-        msg.eta.FromTimedelta(timedelta(seconds=p["eta_s"]))
+    eta_s = _finite(p.get("eta_s"), 0.0, _MAX_ETA_S)
+    if eta_s is not None:
+        msg.eta.FromTimedelta(timedelta(seconds=eta_s))
+    now = time.time()
+    when = _finite(p.get("time", now), 0.0, 253_402_300_799.0)
     ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(p.get("time", time.time()) * 1e9))
+    ts.FromNanoseconds(int((when if when is not None else now) * 1e9))
     msg.update_time.CopyFrom(ts)
     return msg
 
@@ -158,6 +192,8 @@ class Agent:
         self.job_types: list[str] = []
         self.device: dict[str, Any] = {}
         self._outbox: deque[_Out] = deque()
+        #: outcomes written on this stream, kept until control acknowledges them
+        self._unacked: dict[JobKey, _Out] = {}
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._connected = False
@@ -193,6 +229,8 @@ class Agent:
             metrics.SLOTS.set(self.settings.slots)
             metrics.RUNNING_JOBS.set(0)
             metrics.set_connected(False)
+            # Slots name this worker in BlobService calls made for its attempts.
+            self.pool.configure(worker_id=self.worker_id)
             ready = await self.pool.start()
             self.job_types = list(ready["types"])
             self.device = ready["device"]
@@ -250,10 +288,10 @@ class Agent:
                 run.releasing = True
                 self.pool.kill_job(run.key)
         deadline = time.monotonic() + FINAL_FLUSH_TIMEOUT_S
-        while any(o.durable for o in self._outbox) and time.monotonic() < deadline:
+        while self._undelivered() and time.monotonic() < deadline:
             await self._wait_changed(deadline - time.monotonic())
-        if any(o.durable for o in self._outbox):
-            log.warning("exiting with %d undelivered result(s)", len(self._outbox))
+        if self._undelivered():
+            log.warning("exiting with %d unacknowledged result(s)", self._undelivered())
         elif self._connected:
             # End the stream by half-closing it and waiting for control to close its
             # side: control then has read and applied every message. Cancelling the
@@ -271,6 +309,17 @@ class Agent:
 
     def _unfinished(self) -> int:
         return sum(1 for r in self.jobs.values() if not r.finished)
+
+    def _undelivered(self) -> int:
+        """Outcomes control has not acknowledged yet (queued or written)."""
+        return sum(1 for o in self._outbox if o.durable) + len(self._unacked)
+
+    def _held(self) -> list[JobKey]:
+        """Attempts this worker holds: running, or finished with the outcome unacknowledged."""
+        keys = dict.fromkeys(self.jobs)
+        keys.update(dict.fromkeys(k for k in self._unacked))
+        keys.update(dict.fromkeys(o.done_key for o in self._outbox if o.done_key is not None))
+        return list(keys)
 
     # -- the stream -------------------------------------------------------------
     async def _connect_loop(self) -> None:
@@ -311,7 +360,7 @@ class Agent:
                     memory_bytes=dev.get("memory_bytes", 0),
                 ),
                 version=_version(),
-                running=[_ref(k) for k in self.jobs],
+                running=[_ref(k) for k in self._held()],
             )
         )
 
@@ -377,8 +426,12 @@ class Agent:
         self._connected = False
         metrics.set_connected(False)
         self._credits = 0
-        # Progress, credits and heartbeats belong to the stream that ended.
-        self._outbox = deque(o for o in self._outbox if o.durable)
+        # Progress, credits and heartbeats belong to the stream that ended;
+        # outcomes written but not acknowledged go out again first.
+        kept = deque(self._unacked.values())
+        kept.extend(o for o in self._outbox if o.durable)
+        self._outbox = kept
+        self._unacked.clear()
         self._changed.set()
 
     async def _reader(self, call: Any) -> None:
@@ -393,6 +446,8 @@ class Agent:
                 self._on_cancel(msg.cancel)
             elif kind == "drain":
                 self.request_drain(f"control asked: {msg.drain.reason or 'drain'}")
+            elif kind == "ack":
+                self._on_ack(msg.ack)
             elif kind == "welcome":
                 log.warning("ignoring a second Welcome on one stream")
             else:
@@ -402,11 +457,11 @@ class Agent:
         while True:
             while self._outbox:
                 item = self._outbox[0]
-                await call.write(item.msg)
+                for msg in item.msgs:
+                    await call.write(msg)
                 self._outbox.popleft()
                 if item.done_key is not None:
-                    self.jobs.pop(item.done_key, None)
-                    self._changed.set()
+                    self._unacked[item.done_key] = item
             self._changed.set()
             if self._half_close:
                 await call.done_writing()
@@ -417,12 +472,12 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval_s)
-            self._send(Req(heartbeat=Req.Heartbeat(running=[_ref(k) for k in self.jobs])))
+            self._send(Req(heartbeat=Req.Heartbeat(running=[_ref(k) for k in self._held()])))
 
-    def _send(self, msg: Req, *, durable: bool = False, done_key: JobKey | None = None) -> None:
+    def _send(self, *msgs: Req, durable: bool = False, done_key: JobKey | None = None) -> None:
         if not durable and not self._connected:
             return
-        self._outbox.append(_Out(msg, durable, done_key))
+        self._outbox.append(_Out(msgs, durable, done_key))
         self._wake.set()
 
     def _on_slot_idle(self) -> None:
@@ -478,7 +533,21 @@ class Agent:
                 return
         log.warning("releasing job %s attempt %d: %s", key[0], key[1], reason)
         self.stats["released"] += 1
-        self._send(Req(released=Req.Released(ref=_ref(key), reason=reason)), durable=True)
+        self._send(
+            Req(released=Req.Released(ref=_ref(key), reason=reason)), durable=True, done_key=key
+        )
+
+    def _on_ack(self, ack: worker_service_pb2.ConnectResponse.Ack) -> None:
+        """Control committed these outcomes: forget them (and their jobs)."""
+        for entry in ack.outcomes:
+            key: JobKey = (entry.ref.job_id, entry.ref.attempt)
+            if self._unacked.pop(key, None) is None:
+                continue
+            if not entry.applied:
+                log.info("control refused the outcome of job %s attempt %d: %s",
+                         key[0], key[1], entry.reason or "no reason given")  # fmt: skip
+            self.jobs.pop(key, None)
+        self._changed.set()
 
     def _on_cancel(self, c: worker_service_pb2.ConnectResponse.Cancel) -> None:
         key: JobKey = (c.ref.job_id, c.ref.attempt)
@@ -552,11 +621,12 @@ class Agent:
             return
         run.cancel_timers()
         run.finished = True
+        msgs: list[Req] = []
         if run.latest_progress is not None:
             # The final progress value always reaches control, before the result.
             p = progress_to_proto(run.latest_progress)
             run.latest_progress = None
-            self._send(Req(progress=Req.ProgressUpdate(ref=_ref(key), progress=p)), durable=True)
+            msgs.append(Req(progress=Req.ProgressUpdate(ref=_ref(key), progress=p)))
         msg = self._terminal_message(run, outcome)
         kind = msg.WhichOneof("message") or "?"
         self.stats[kind] = self.stats.get(kind, 0) + 1
@@ -568,33 +638,38 @@ class Agent:
         log.info("job %s attempt %d %s in %.2fs", key[0], key[1],
                  kind if kind != "failed" else f"failed ({msg.failed.error.code})",
                  duration_s)  # fmt: skip
-        self._send(msg, durable=True, done_key=key)
+        self._send(*msgs, msg, durable=True, done_key=key)
         self._changed.set()
 
     def _terminal_message(self, run: JobRun, outcome: dict[str, Any]) -> Req:
         ref = _ref(run.key)
         status = outcome["status"]
         if status == "completed":
-            result = struct_pb2.Struct()
-            result.update(outcome.get("result") or {})
-            return Req(
-                completed=Req.Completed(ref=ref, result=result, outputs=outcome.get("outputs", []))
-            )
+            try:
+                result = struct_pb2.Struct()
+                result.update(outcome.get("result") or {})
+                outputs = [_text(o) for o in outcome.get("outputs", [])]
+                return Req(completed=Req.Completed(ref=ref, result=result, outputs=outputs))
+            except (TypeError, ValueError) as exc:
+                log.warning("job %s attempt %d: its result cannot be sent: %s", *run.key, exc)
+                return self._failure(
+                    ref, "INVALID_RESULT", f"the handler's result cannot be sent: {exc}"[:500],
+                    retryable=False,
+                )  # fmt: skip
         if status == "failed":
             failed = Req.Failed(
                 ref=ref,
                 error=job_pb2.JobError(
-                    code=outcome.get("code", "HANDLER_ERROR"),
-                    message=outcome.get("message", ""),
+                    code=_text(outcome.get("code", "HANDLER_ERROR")),
+                    message=_text(outcome.get("message", "")),
                     retryable=bool(outcome.get("retryable", True)),
                 ),
             )
-            if outcome.get("retry_delay_s"):
+            # Control caps the delay at its backoff maximum; here it only has to fit.
+            delay_s = _finite(outcome.get("retry_delay_s"), 0.0, _MAX_ETA_S)
+            if delay_s:
                 failed.retry_delay.CopyFrom(
-                    duration_pb2.Duration(
-                        seconds=int(outcome["retry_delay_s"]),
-                        nanos=int((outcome["retry_delay_s"] % 1) * 1e9),
-                    )
+                    duration_pb2.Duration(seconds=int(delay_s), nanos=int((delay_s % 1) * 1e9))
                 )
             return Req(failed=failed)
         # cancelled (the handler stopped), killed (forced stop) or crashed:
@@ -612,10 +687,12 @@ class Agent:
         return self._failure(ref, "HANDLER_ERROR", "the handler raised Cancelled without a cancel")
 
     @staticmethod
-    def _failure(ref: worker_service_pb2.AttemptRef, code: str, message: str) -> Req:
+    def _failure(
+        ref: worker_service_pb2.AttemptRef, code: str, message: str, *, retryable: bool = True
+    ) -> Req:
         return Req(
             failed=Req.Failed(
-                ref=ref, error=job_pb2.JobError(code=code, message=message, retryable=True)
+                ref=ref, error=job_pb2.JobError(code=code, message=message, retryable=retryable)
             )
         )
 

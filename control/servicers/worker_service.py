@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
+from control import auth, validate
 from control.errors import FailedPrecondition, InvalidArgument, SpoolError, abort
 from control.services import dispatch
 from spool.v1 import job_pb2, worker_service_pb2, worker_service_pb2_grpc
@@ -33,6 +36,16 @@ HELLO_TIMEOUT_S = 30.0
 MAX_JOB_TYPES = 256
 MAX_SLOTS = 1024
 MAX_ID_LEN = 200
+#: lengths kept of a worker's free text (longer is cut) and of its output URIs
+MAX_TEXT_LEN = 200
+MAX_MESSAGE_LEN = 4000
+MAX_URI_LEN = 2048
+MAX_OUTPUTS = 1000
+#: an ETA longer than this (a year) is not an estimate: it is left out
+MAX_ETA_S = 366 * 24 * 3600
+#: worker messages that name an attempt, and those that end one
+OUTCOME_KINDS = frozenset({"completed", "failed", "released", "canceled"})
+REF_KINDS = OUTCOME_KINDS | {"progress"}
 #: how long a closing stream waits for its last messages to be written
 WRITER_DRAIN_TIMEOUT_S = 10.0
 
@@ -51,51 +64,136 @@ def _timestamp(dt: Any) -> timestamp_pb2.Timestamp:
 
 
 def _refs(refs: Any) -> list[tuple[str, int]]:
-    return [(r.job_id, r.attempt) for r in refs]
+    """AttemptRefs as (job_id, attempt); refs whose job id is not a UUID are dropped."""
+    out = []
+    for r in refs:
+        if _is_uuid(r.job_id):
+            out.append((r.job_id, r.attempt))
+        else:
+            log.warning("dropping a malformed job id from a worker: %r", r.job_id[:100])
+    return out
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _clean_text(value: str, max_len: int) -> str:
+    """Free text from a worker, made storable: NUL removed, cut to `max_len`."""
+    return value.replace("\x00", "")[:max_len]
+
+
+def _finite(value: float, default: float = 0.0) -> float:
+    return value if math.isfinite(value) else default
 
 
 def hello_from_proto(msg: Request.Hello) -> dispatch.Hello:
     """Validate a Hello; raises InvalidArgument naming the offending field."""
-    if not msg.worker_id or len(msg.worker_id) > MAX_ID_LEN:
-        raise InvalidArgument("hello.worker_id", f"required, at most {MAX_ID_LEN} characters")
+    worker_id = validate.text("hello.worker_id", msg.worker_id, max_len=MAX_ID_LEN, required=True)
     if not msg.job_types or len(msg.job_types) > MAX_JOB_TYPES:
         raise InvalidArgument("hello.job_types", f"between 1 and {MAX_JOB_TYPES} job types")
+    job_types = validate.text_list(
+        "hello.job_types", msg.job_types, max_items=MAX_JOB_TYPES, max_len=MAX_ID_LEN
+    )
     if msg.slots < 0 or msg.slots > MAX_SLOTS:
         raise InvalidArgument("hello.slots", f"between 0 and {MAX_SLOTS} (0 means 1)")
-    device = json_format.MessageToDict(msg.device, preserving_proto_field_name=True)
+    device = validate.json_value(
+        "hello.device", json_format.MessageToDict(msg.device, preserving_proto_field_name=True)
+    )
     return dispatch.Hello(
-        worker_id=msg.worker_id,
-        name=msg.name,
-        labels=dict(msg.labels),
-        job_types=list(dict.fromkeys(msg.job_types)),
+        worker_id=worker_id,
+        name=validate.text("hello.name", msg.name, max_len=MAX_TEXT_LEN),
+        labels=validate.label_map("hello.labels", dict(msg.labels)),
+        job_types=list(dict.fromkeys(job_types)),
         slots=msg.slots or 1,
         device=device,
-        version=msg.version,
+        version=validate.text("hello.version", msg.version, max_len=MAX_ID_LEN),
         running=_refs(msg.running),
     )
 
 
 def progress_to_dict(p: job_pb2.Progress) -> dict[str, Any]:
-    """A Progress message as stored in `jobs.progress` / `job_events.progress`."""
+    """A Progress message as stored in `jobs.progress` / `job_events.progress`.
+
+    Whatever a handler reported is made storable: NaN and Infinity become 0,
+    text loses NUL characters and is cut to length, an out-of-range ETA or
+    update time is left out.
+    """
     out: dict[str, Any] = {
-        "fraction": min(1.0, max(0.0, p.fraction)),
-        "stage": p.stage,
-        "message": p.message,
+        "fraction": min(1.0, max(0.0, _finite(p.fraction))),
+        "stage": _clean_text(p.stage, MAX_TEXT_LEN),
+        "message": _clean_text(p.message, MAX_MESSAGE_LEN),
         "done": p.done,
         "total": p.total,
-        "unit": p.unit,
-        "rate": p.rate,
+        "unit": _clean_text(p.unit, MAX_TEXT_LEN),
+        "rate": _finite(p.rate),
     }
-    if p.HasField("eta"):
-        out["eta_s"] = p.eta.ToNanoseconds() / 1e9
-    if p.HasField("update_time"):
-        out["time"] = p.update_time.ToNanoseconds() / 1e9
+    if p.HasField("eta") and 0 <= p.eta.seconds <= MAX_ETA_S:
+        out["eta_s"] = p.eta.seconds + p.eta.nanos / 1e9
+    ts = p.update_time
+    if p.HasField("update_time") and (
+        validate.TIMESTAMP_MIN_SECONDS <= ts.seconds <= validate.TIMESTAMP_MAX_SECONDS
+    ):
+        out["time"] = ts.seconds + ts.nanos / 1e9
     return out
 
 
-def message_from_proto(req: Request) -> dispatch.Inbound | None:
-    """One worker message after Hello → the dispatch message (None: nothing to do)."""
+def _value(v: struct_pb2.Value) -> Any:
+    """A Struct Value as plain data, NaN and Infinity kept (json_format refuses them)."""
+    kind = v.WhichOneof("kind")
+    if kind == "struct_value":
+        return {k: _value(item) for k, item in v.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_value(item) for item in v.list_value.values]
+    if kind == "number_value":
+        return v.number_value
+    if kind == "string_value":
+        return v.string_value
+    if kind == "bool_value":
+        return v.bool_value
+    return None
+
+
+def result_from_proto(ref: Any, result: struct_pb2.Struct) -> dict[str, Any]:
+    """A handler's result made storable: NaN/Infinity become null, NUL is removed (logged)."""
+    data, replaced = validate.json_safe({k: _value(v) for k, v in result.fields.items()})
+    if replaced:
+        log.warning("job %s attempt %d: result values stored as null or cleaned: %s",
+                    ref.job_id, ref.attempt, ", ".join(replaced[:10]))  # fmt: skip
+    return data
+
+
+def message_from_proto(req: Request, retry_delay_max_s: float) -> dispatch.Inbound | None:
+    """One worker message after Hello → the dispatch message (None: nothing to do).
+
+    Never raises for a message about a job: what cannot be read becomes an
+    `Unreadable` (refused alone), so one bad message never ends the stream.
+    """
     kind = req.WhichOneof("message")
+    if kind == "hello":
+        raise FailedPrecondition("hello sent twice on one stream")
+    ref = getattr(req, kind).ref if kind in REF_KINDS else None
+    if ref is not None and not _is_uuid(ref.job_id):
+        return dispatch.Unreadable(
+            ref.job_id, ref.attempt, "job_id is not a UUID", outcome=kind in OUTCOME_KINDS
+        )
+    try:
+        return _message(req, kind, retry_delay_max_s)
+    except Exception as exc:  # a value no check foresaw: refuse this message only
+        log.exception("unreadable %s message from a worker", kind)
+        if ref is None:
+            return None
+        return dispatch.Unreadable(
+            ref.job_id, ref.attempt, f"unreadable {kind}: {exc.__class__.__name__}",
+            outcome=kind in OUTCOME_KINDS,
+        )  # fmt: skip
+
+
+def _message(req: Request, kind: str | None, retry_delay_max_s: float) -> dispatch.Inbound | None:
     if kind == "ready":
         return dispatch.Ready(req.ready.credits)
     if kind == "progress":
@@ -107,24 +205,27 @@ def message_from_proto(req: Request) -> dispatch.Inbound | None:
         return dispatch.Heartbeat(_refs(req.heartbeat.running))
     if kind == "completed":
         c = req.completed
-        result = json_format.MessageToDict(c.result) if c.HasField("result") else {}
-        return dispatch.Completed(c.ref.job_id, c.ref.attempt, result, list(c.outputs))
+        result = result_from_proto(c.ref, c.result) if c.HasField("result") else {}
+        outputs = [_clean_text(o, MAX_URI_LEN) for o in c.outputs[:MAX_OUTPUTS]]
+        return dispatch.Completed(c.ref.job_id, c.ref.attempt, result, outputs)
     if kind == "failed":
         f = req.failed
         error = {
-            "code": f.error.code or "HANDLER_ERROR",
-            "message": f.error.message[:4000],
+            "code": _clean_text(f.error.code, MAX_ID_LEN) or "HANDLER_ERROR",
+            "message": _clean_text(f.error.message, MAX_MESSAGE_LEN),
             "retryable": f.error.retryable,
         }
-        delay = f.retry_delay.ToNanoseconds() / 1e9 if f.HasField("retry_delay") else None
+        delay = None
+        if f.HasField("retry_delay"):
+            # At most the backoff maximum (documented); a negative delay means none.
+            seconds = min(max(f.retry_delay.seconds, 0), int(retry_delay_max_s) + 1)
+            delay = min(retry_delay_max_s, seconds + max(f.retry_delay.nanos, 0) / 1e9)
         return dispatch.Failed(f.ref.job_id, f.ref.attempt, error, delay)
     if kind == "released":
         r = req.released
-        return dispatch.Released(r.ref.job_id, r.ref.attempt, r.reason[:500])
+        return dispatch.Released(r.ref.job_id, r.ref.attempt, _clean_text(r.reason, 500))
     if kind == "canceled":
         return dispatch.Canceled(req.canceled.ref.job_id, req.canceled.ref.attempt)
-    if kind == "hello":
-        raise FailedPrecondition("hello sent twice on one stream")
     return None
 
 
@@ -137,6 +238,19 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         self.job_to_proto = job_to_proto
 
     def _to_proto(self, out: dispatch.Outbound) -> Response:
+        if isinstance(out, dispatch.Acknowledge):
+            return Response(
+                ack=Response.Ack(
+                    outcomes=[
+                        Response.Ack.Outcome(
+                            ref=worker_service_pb2.AttemptRef(job_id=a.job_id, attempt=a.attempt),
+                            applied=a.applied,
+                            reason=a.reason,
+                        )
+                        for a in out.outcomes
+                    ]
+                )
+            )
         if isinstance(out, dispatch.Assign):
             return Response(
                 assign=Response.Assign(
@@ -168,7 +282,9 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             hello = hello_from_proto(first.hello)
         except SpoolError as exc:
             await abort(context, exc)
-        session = await self.dispatcher.guarded(self.dispatcher.open_session(hello))
+        session = await self.dispatcher.guarded(
+            self.dispatcher.open_session(hello, auth.current_principal())
+        )
         settings = self.dispatcher.settings
         reader = writer = None
         try:
@@ -218,13 +334,25 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         await self.dispatcher.close_session(session)
 
     async def _read(self, requests: AsyncIterator[Request], session: dispatch.WorkerSession):
-        """Hand every worker message to the session; end the outbox when the stream ends."""
+        """Hand every worker message to the session until the stream ends.
+
+        When the worker half-closes (a drain), the session applies what it read
+        and acknowledges it before the stream ends (the writer's end closes the
+        outbox); when the stream breaks, the outbox is closed at once.
+        """
+        max_delay_s = self.dispatcher.settings.retry_backoff_max_s
+        half_closed = False
         try:
             async for req in requests:
-                msg = message_from_proto(req)
+                msg = message_from_proto(req, max_delay_s)
                 if msg is not None:
                     session.receive(msg)
+            half_closed = True
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:
-            session.outbox.put_nowait(None)
+            if half_closed:
+                session.closed = True  # no more assignments; acks still go out
+                session.finish()
+            else:
+                session.outbox.put_nowait(None)

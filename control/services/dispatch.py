@@ -31,12 +31,15 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from control import metrics
+from control.auth import ANONYMOUS, FLEET_TENANT, Principal
+from control.db import is_bad_value
+from control.errors import PermissionDenied
 from control.store import dispatch as store
 from control.store import leases as leases_store
 from control.store import workers as workers_store
@@ -133,7 +136,20 @@ class Canceled:
     attempt: int
 
 
-Inbound = Ready | ProgressReport | Heartbeat | Completed | Failed | Released | Canceled
+@dataclass(frozen=True)
+class Unreadable:
+    """A worker message that could not be read (a malformed job id, say): refused alone.
+
+    An unreadable outcome is acknowledged as refused, so the worker stops resending it.
+    """
+
+    job_id: str
+    attempt: int
+    reason: str
+    outcome: bool = False
+
+
+Inbound = Ready | ProgressReport | Heartbeat | Completed | Failed | Released | Canceled | Unreadable
 #: the messages that end an attempt
 Outcome = Completed | Failed | Released | Canceled
 
@@ -160,7 +176,35 @@ class CancelAttempt:
     grace_s: float
 
 
-Outbound = Assign | CancelAttempt
+@dataclass(frozen=True)
+class OutcomeAck:
+    """Control → worker: this attempt's outcome was committed (applied, or refused for good)."""
+
+    job_id: str
+    attempt: int
+    applied: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Acknowledge:
+    """Control → worker: the outcomes of one committed batch."""
+
+    outcomes: tuple[OutcomeAck, ...]
+
+
+Outbound = Assign | CancelAttempt | Acknowledge
+
+#: the error an attempt ends with when its outcome cannot be stored
+INVALID_RESULT = "INVALID_RESULT"
+#: the error of a queued job whose stored values break the claim statement
+UNCLAIMABLE = "UNCLAIMABLE"
+#: why an outcome for an attempt that is not running on its worker is refused
+STALE_REASON = "the attempt is not running on this worker"
+
+
+class BadValue(Exception):
+    """A batch of worker messages holds a value the database refuses (see db.is_bad_value)."""
 
 
 # ------------------------------------------------------------------ sessions
@@ -169,12 +213,24 @@ Outbound = Assign | CancelAttempt
 class WorkerSession:
     """The control side of one worker's Connect stream."""
 
-    def __init__(self, dispatcher: Dispatcher, hello: Hello, connected_at: datetime) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        hello: Hello,
+        connected_at: datetime,
+        tenants: Sequence[str] | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
         self.hello = hello
         self.worker_id = hello.worker_id
         self.connected_at = connected_at
-        self.signature = (frozenset(hello.job_types), tuple(sorted(hello.labels.items())))
+        #: the tenants whose jobs it may run (None: every tenant, a shared fleet)
+        self.tenants = tuple(tenants) if tenants is not None else None
+        self.signature = (
+            frozenset(hello.job_types),
+            tuple(sorted(hello.labels.items())),
+            self.tenants,
+        )
         #: jobs the worker may still be given (Ready adds, Assign consumes)
         self.credits = 0
         #: attempts this session believes the worker runs
@@ -192,6 +248,11 @@ class WorkerSession:
         """Take one message from the worker (never blocks; applied in order)."""
         if isinstance(msg, Ready):
             self._add_credits(msg.credits)
+        elif isinstance(msg, Unreadable):
+            log.warning("worker %s: refused a message about job %r attempt %d: %s",
+                        self.worker_id, msg.job_id[:100], msg.attempt, msg.reason)  # fmt: skip
+            if msg.outcome:
+                self._acknowledge([OutcomeAck(msg.job_id, msg.attempt, False, msg.reason)])
         else:
             self._inbox.put_nowait(msg)
 
@@ -220,6 +281,11 @@ class WorkerSession:
         self.credits -= 1
         self.running.add(ref)
         self.outbox.put_nowait(Assign(row, row["attempt"], row["lease_expires_at"]))
+
+    def _acknowledge(self, acks: Sequence[OutcomeAck]) -> None:
+        # Acks go out even while the stream closes: the worker may still read them.
+        if acks:
+            self.outbox.put_nowait(Acknowledge(tuple(acks)))
 
     def _forget(self, job_id: str, attempt: int) -> None:
         self.running.discard((job_id, attempt))
@@ -259,19 +325,110 @@ class WorkerSession:
         flush_due = time.monotonic() >= self._last_flush + PROGRESS_FLUSH_INTERVAL_S
         if not rest and not (self._pending_progress and flush_due):
             return
-        for attempt in range(APPLY_ATTEMPTS):
-            try:
-                after = await self._apply_in_transaction(rest, flush_due)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                if attempt == APPLY_ATTEMPTS - 1:
-                    raise
-                log.exception("worker %s: applying messages failed, retrying", self.worker_id)
-                await asyncio.sleep(0.2 * (attempt + 1))
+        try:
+            after = await self._apply_retrying(rest, flush_due)
+        except BadValue:
+            # Some message holds a value the database refuses: apply them one by
+            # one, so only that message is refused and the others still land.
+            after = await self._apply_one_by_one(rest)
         for action in after:
             action()
+
+    async def _apply_retrying(
+        self, msgs: Sequence[Heartbeat | Outcome], flush_due: bool
+    ) -> list[Any]:
+        return await self._retrying(lambda: self._apply_in_transaction(msgs, flush_due))
+
+    async def _retrying(self, unit: Callable[[], Awaitable[T]]) -> T:
+        """Run a unit of database work, retrying a lost connection; BadValue for a refused value.
+
+        When the database stays away, the error ends the stream: the worker keeps
+        its unacknowledged outcomes and resends them after it reconnects.
+        """
+        for attempt in range(APPLY_ATTEMPTS):
+            try:
+                return await unit()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if is_bad_value(exc):
+                    raise BadValue(str(exc)) from exc
+                if attempt == APPLY_ATTEMPTS - 1:
+                    raise
+                log.warning("worker %s: applying messages failed (%s), retrying",
+                            self.worker_id, exc.__class__.__name__)  # fmt: skip
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _in_transaction(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """`work(session)` in a transaction of its own, retried like a batch."""
+
+        async def tx() -> T:
+            async with self.dispatcher.db.session() as s, s.begin():
+                return await work(s)
+
+        return await self._retrying(tx)
+
+    async def _apply_one_by_one(self, msgs: Sequence[Heartbeat | Outcome]) -> list[Any]:
+        """The slow path after a BadValue: each progress value and message on its own."""
+        after: list[Any] = []
+        for job_id, (attempt, progress) in list(self._pending_progress.items()):
+            try:
+                await self._in_transaction(
+                    lambda s, j=job_id, a=attempt, p=progress: store.write_progress(
+                        s, self.worker_id, [(j, a, p)], utcnow()
+                    )
+                )
+            except BadValue:
+                log.warning("worker %s: dropped progress of job %s that cannot be stored",
+                            self.worker_id, job_id)  # fmt: skip
+            self._pending_progress.pop(job_id, None)
+        self._last_flush = time.monotonic()
+        for msg in msgs:
+            try:
+                after += await self._apply_retrying([msg], flush_due=False)
+            except BadValue as exc:
+                if isinstance(msg, Heartbeat):
+                    log.warning("worker %s: a heartbeat could not be applied: %s",
+                                self.worker_id, exc)  # fmt: skip
+                    continue
+                after += await self._refuse_outcome(msg, str(exc))
+        return after
+
+    async def _refuse_outcome(self, msg: Outcome, why: str) -> list[Any]:
+        """An outcome the database refuses: the attempt FAILS with INVALID_RESULT instead."""
+        log.warning("worker %s: the %s of job %s attempt %d cannot be stored (%s); "
+                    "failing the attempt with %s", self.worker_id, type(msg).__name__.lower(),
+                    msg.job_id, msg.attempt, why[:300], INVALID_RESULT)  # fmt: skip
+        error = {
+            "code": INVALID_RESULT,
+            "message": f"the worker's {type(msg).__name__.lower()} message could not be stored",
+            "retryable": False,
+        }
+        d = self.dispatcher
+        try:
+            t = await self._in_transaction(
+                lambda s: store.fail_attempt(
+                    s,
+                    msg.job_id,
+                    msg.attempt,
+                    self.worker_id,
+                    error,
+                    utcnow(),
+                    backoff_base_s=d.settings.retry_backoff_base_s,
+                    backoff_max_s=d.settings.retry_backoff_max_s,
+                )
+            )
+        except BadValue:
+            log.exception("worker %s: job %s could not be failed either", self.worker_id,
+                          msg.job_id)  # fmt: skip
+            t = None
+        ack = OutcomeAck(msg.job_id, msg.attempt, False, f"{INVALID_RESULT}: cannot be stored")
+        return [
+            lambda: self._forget(msg.job_id, msg.attempt),
+            lambda: metrics.count_finished([t]),
+            lambda: self._acknowledge([ack]),
+        ]
 
     async def _apply_in_transaction(
         self, msgs: Sequence[Heartbeat | Outcome], flush_due: bool
@@ -279,6 +436,7 @@ class WorkerSession:
         d = self.dispatcher
         now = utcnow()
         after: list[Any] = []
+        acks: list[OutcomeAck] = []
         pending = dict(self._pending_progress)
         async with d.db.session() as s, s.begin():
             for msg in msgs:
@@ -289,7 +447,7 @@ class WorkerSession:
                 p = pending.pop(msg.job_id, None)
                 if p is not None and p[0] == msg.attempt:
                     await store.write_progress(s, self.worker_id, [(msg.job_id, *p)], now)
-                await self._outcome(s, msg, now, after)
+                acks.append(await self._outcome(s, msg, now, after))
             if flush_due and pending:
                 updates = [(job_id, a, p) for job_id, (a, p) in pending.items()]
                 await store.write_progress(s, self.worker_id, updates, now)
@@ -298,6 +456,7 @@ class WorkerSession:
         if len(pending) < len(self._pending_progress):
             self._last_flush = time.monotonic()
         self._pending_progress = pending
+        after.append(lambda: self._acknowledge(acks))
         return after
 
     async def _heartbeat(self, s: Any, msg: Heartbeat, now: datetime, after: list[Any]) -> None:
@@ -311,7 +470,7 @@ class WorkerSession:
                 lambda j=job_id, a=attempt: self.send_cancel(j, a, "attempt no longer leased")
             )
 
-    async def _outcome(self, s: Any, msg: Outcome, now: datetime, after: list[Any]) -> None:
+    async def _outcome(self, s: Any, msg: Outcome, now: datetime, after: list[Any]) -> OutcomeAck:
         d = self.dispatcher
         w = self.worker_id
         if isinstance(msg, Completed):
@@ -338,6 +497,9 @@ class WorkerSession:
             raise TypeError(f"unexpected message {msg!r}")
         after.append(lambda: self._forget(msg.job_id, msg.attempt))
         after.append(lambda: metrics.count_finished([t]))
+        if t is None:
+            metrics.IGNORED.labels(kind=type(msg).__name__.lower()).inc()
+        return OutcomeAck(msg.job_id, msg.attempt, t is not None, "" if t else STALE_REASON)
 
 
 # ------------------------------------------------------------------ dispatcher
@@ -384,6 +546,12 @@ class Dispatcher:
         for sub in getattr(self, "_subs", []):
             sub.close()
         self._tasks = []
+        # Streams that could not say goodbye leave their workers marked connected here.
+        try:
+            async with self.db.session() as s, s.begin():
+                await workers_store.mark_replica_disconnected(s, self.replica_id, utcnow())
+        except Exception:
+            log.exception("marking this replica's workers disconnected failed")
 
     async def guarded(self, coro: Awaitable[T]) -> T:
         """Run a unit of database work that cancelling the caller must not cut short.
@@ -402,16 +570,19 @@ class Dispatcher:
 
     # --- sessions ----------------------------------------------------------------
 
-    async def open_session(self, hello: Hello) -> WorkerSession:
+    async def open_session(self, hello: Hello, principal: Principal = ANONYMOUS) -> WorkerSession:
         """Register a worker whose Hello arrived; keep the leases it still holds.
 
-        Attempts it reports that are no longer its get a Cancel; RUNNING attempts of
-        this worker it does not report (it restarted) go back to the queue at once.
+        The worker id is bound to the key that first registered it: another key
+        presenting it is PERMISSION_DENIED. Attempts it reports that are no longer
+        its get a Cancel; RUNNING attempts of this worker it does not report (it
+        restarted) go back to the queue at once.
         """
         now = utcnow()
         reported = set(hello.running)
+        tenants = principal.job_tenants
         async with self.db.session() as s, s.begin():
-            await workers_store.upsert_connected(
+            registered = await workers_store.upsert_connected(
                 s,
                 worker_id=hello.worker_id,
                 name=hello.name,
@@ -422,7 +593,14 @@ class Dispatcher:
                 version=hello.version,
                 replica=self.replica_id,
                 now=now,
+                owner=principal.owner,
+                tenant=tenants[0] if tenants else FLEET_TENANT,
             )
+            if not registered:
+                raise PermissionDenied(
+                    f"worker id {hello.worker_id!r} is registered to another key",
+                    reason="WORKER_ID_TAKEN",
+                )
             kept = await store.extend_leases(
                 s, hello.worker_id, reported, now, lease_s=self.settings.lease_s
             )
@@ -432,7 +610,7 @@ class Dispatcher:
             if old.worker_id == hello.worker_id:
                 old.closed = True
                 old.outbox.put_nowait(None)
-        session = WorkerSession(self, hello, now)
+        session = WorkerSession(self, hello, now, tenants)
         session.running |= kept
         for job_id, attempt in reported - kept:
             session.send_cancel(job_id, attempt, "attempt no longer leased")
@@ -543,7 +721,14 @@ class Dispatcher:
     async def _claim_for(self, session: WorkerSession) -> store.ClaimResult:
         hello = session.hello
         now = utcnow()
-        result = await self._claim_tx(session, hello, now)
+        try:
+            result = await self._claim_tx(session, hello, now)
+        except Exception as exc:
+            if not is_bad_value(exc):
+                raise
+            # A stored value breaks the claim: set that job aside, claim again.
+            await self._quarantine_unclaimable(session, exc)
+            return store.ClaimResult(held_back=True)
         if session.closed:
             await self._give_back(session, result.jobs)
             return result
@@ -566,7 +751,52 @@ class Dispatcher:
                 session.credits,
                 now,
                 lease_s=self.settings.lease_s,
+                tenants=session.tenants,
             )
+
+    async def _quarantine_unclaimable(self, session: WorkerSession, exc: Exception) -> None:
+        """Find the candidates a claim cannot start and FAIL them, so dispatch goes on.
+
+        Each of the claim's first candidates is claimed alone in a transaction
+        that is rolled back (a dry run); the ones whose claim fails on a bad
+        value end FAILED with UNCLAIMABLE. One poisoned job never stalls the
+        queue for everyone else.
+        """
+        hello = session.hello
+        now = utcnow()
+        log.error("claim for worker %s failed on a stored value (%s): looking for the job",
+                  session.worker_id, exc.__class__.__name__)  # fmt: skip
+        async with self.db.session() as s, s.begin():
+            ids = await store.claim_candidates(
+                s, hello.job_types, hello.labels, now,
+                tenants=session.tenants, limit=max(1, session.credits),
+            )  # fmt: skip
+        poisoned = []
+        for job_id in ids:
+            async with self.db.session() as s:
+                await s.begin()
+                try:
+                    await store.claim_jobs(
+                        s, session.worker_id, hello.job_types, hello.labels, 1, now,
+                        lease_s=self.settings.lease_s, tenants=session.tenants, only_id=job_id,
+                    )  # fmt: skip
+                except Exception as probe_exc:
+                    if not is_bad_value(probe_exc):
+                        raise
+                    poisoned.append((job_id, probe_exc))
+                finally:
+                    await s.rollback()
+        for job_id, probe_exc in poisoned:
+            error = {
+                "code": UNCLAIMABLE,
+                "message": "a stored value of this job cannot be used to start it "
+                f"({probe_exc.__class__.__name__})",
+                "retryable": False,
+            }
+            async with self.db.session() as s, s.begin():
+                t = await store.quarantine_job(s, job_id, error, utcnow())
+            log.error("job %s quarantined: FAILED with %s", job_id, UNCLAIMABLE)
+            metrics.count_finished([t])
 
     async def _give_back(self, session: WorkerSession, rows: Sequence[Mapping[str, Any]]) -> None:
         """Jobs claimed for a stream that closed before they were sent go back at once."""

@@ -475,11 +475,13 @@ class JobsService:
                         for event in batch:
                             yield event
                             last = event["seq"]
+                            # The end, whatever follows (refused late messages).
+                            if is_terminal_event(event):
+                                return
                         if len(batch) < WATCH_BATCH:
                             break
-                    if batch and is_terminal_event(batch[-1]):
-                        return
-                    if not batch:
+                    if not batch or last > after_seq:
+                        # Caught up: past the end already (a resumed watch)?
                         job = await self._one(lambda s: store.get_job(s, tenant, job_id))
                         if job is None:
                             return  # deleted while watched

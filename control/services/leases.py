@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from control import metrics
+from control.db import is_bad_value
 from control.periodic import Periodic
 from control.services.dispatch import utcnow
 from control.store import leases as store
+from control.store import workers as workers_store
 from control.store.dispatch import Transition
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 #: how often each enforcer looks (bounded below so tests with short leases stay sharp)
 MAX_REAP_INTERVAL_S = 1.0
 MIN_REAP_INTERVAL_S = 0.1
+#: a worker with no heartbeat for this many leases is marked disconnected
+STALE_WORKER_LEASES = 2
 #: pause after a failed pass (e.g. the database restarting)
 FAILED_PASS_BACKOFF_S = 1.0
 
@@ -34,6 +39,8 @@ class LeaseEnforcers:
     def __init__(self, db: Any, settings: Any) -> None:
         self.db = db
         self.settings = settings
+        #: a reaper pass failed for want of the database (leases are extended once it is back)
+        self._database_was_away = False
         # Check a few times per lease so an expired lease is reaped promptly.
         self.interval_s = min(MAX_REAP_INTERVAL_S, max(MIN_REAP_INTERVAL_S, settings.lease_s / 4))
         passes: dict[str, Callable[[], Awaitable[int]]] = {
@@ -64,8 +71,23 @@ class LeaseEnforcers:
 
     async def reap_leases_once(self) -> int:
         """Requeue (or fail) RUNNING attempts whose lease passed; returns how many."""
-        async with self.db.session() as s, s.begin():
-            moved = await store.reap_expired_leases(s, utcnow())
+        now = utcnow()
+        try:
+            async with self.db.session() as s, s.begin():
+                if self._database_was_away:
+                    # Heartbeats could not land while the database was away: leases that
+                    # ran out meanwhile say nothing about the workers. Each running attempt
+                    # gets one more lease to be heard of (its worker reconnects) first.
+                    n = await store.extend_running_leases(s, now, lease_s=self.settings.lease_s)
+                    log.info("database back: %d running lease(s) extended", n)
+                moved = await store.reap_expired_leases(s, now)
+                # Workers whose replica died without closing their streams.
+                stale = now - timedelta(seconds=STALE_WORKER_LEASES * self.settings.lease_s)
+                await workers_store.mark_stale_disconnected(s, stale, now)
+        except Exception as exc:
+            self._database_was_away = self._database_was_away or not is_bad_value(exc)
+            raise
+        self._database_was_away = False
         _log_moves("lease expired", moved)
         return len(moved)
 

@@ -82,15 +82,19 @@ def backoff_ms(attempt: int, base_s: float, max_s: float) -> int:
 
 # --------------------------------------------------------------------------- claim
 
+#: the longest attempt timeout a claim computes a deadline from (Submit refuses longer)
+MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000
+
 # What starting an attempt sets, in both claim statements below (`j` is the job row).
-_START_SET = """\
+_START_SET = f"""\
             state = 'running',
             worker_id = :worker_id,
             started_at = CAST(:now AS timestamptz),
             updated_at = CAST(:now AS timestamptz),
             lease_expires_at = CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond',
             deadline_at = CASE WHEN j.timeout_ms > 0
-                THEN CAST(:now AS timestamptz) + j.timeout_ms * interval '1 millisecond' END,
+                THEN CAST(:now AS timestamptz)
+                     + least(j.timeout_ms, {MAX_TIMEOUT_MS}) * interval '1 millisecond' END,
             cancel_requested = false,
             cancel_requested_at = NULL,
             progress = NULL,
@@ -121,6 +125,8 @@ _CLAIM_SQL = sa.text(
           AND j.not_before <= CAST(:now AS timestamptz)
           AND j.type = ANY(CAST(:types AS text[]))
           AND j.worker_selector <@ CAST(:labels AS jsonb)
+          AND (CAST(:tenants AS text[]) IS NULL OR j.tenant = ANY(CAST(:tenants AS text[])))
+          AND (CAST(:only_id AS uuid) IS NULL OR j.id = CAST(:only_id AS uuid))
           AND (
             coalesce(j.concurrency_key, '') = ''
             OR (
@@ -225,14 +231,19 @@ async def claim_jobs(
     now: datetime,
     *,
     lease_s: float,
+    tenants: Sequence[str] | None = None,
+    only_id: str | None = None,
 ) -> ClaimResult:
     """Claim up to `limit` jobs for a worker and mark them RUNNING.
 
     Best priority first, then oldest; only the worker's job types, only jobs
     whose `worker_selector` is a subset of the worker's labels, only jobs whose
-    `not_before` has passed; per (tenant, concurrency key) at most
-    `concurrency_limit` running and starts at least `min_start_interval` apart,
-    race-free across replicas. One round trip when no candidate has a key.
+    `not_before` has passed, only the `tenants` given (None: any tenant, a
+    shared fleet); per (tenant, concurrency key) at most `concurrency_limit`
+    running and starts at least `min_start_interval` apart, race-free across
+    replicas. One round trip when no candidate has a key. `only_id` narrows the
+    claim to one job (to find a job that makes claims fail, see
+    `claim_candidates`).
     """
     result = ClaimResult()
     if limit <= 0 or not job_types:
@@ -241,6 +252,8 @@ async def claim_jobs(
         "now": now,
         "types": list(job_types),
         "labels": json.dumps(dict(worker_labels)),
+        "tenants": list(tenants) if tenants is not None else None,
+        "only_id": only_id,
         "limit": limit,
         "worker_id": worker_id,
         "lease_ms": ms(lease_s),
@@ -290,6 +303,83 @@ async def _start_keyed(
         return [], retry_at
     rows = await session.execute(_START_KEYED_SQL, {**args, "ids": chosen})
     return list(rows.mappings().all()), retry_at
+
+
+# The ids a claim would consider first, without touching them: when a claim
+# statement fails, the dispatcher tries these one at a time to find the job whose
+# stored values break it (and quarantines that job alone).
+_CANDIDATES_SQL = sa.text(
+    """
+    SELECT j.id FROM jobs AS j
+    WHERE j.state = 'queued'
+      AND j.not_before <= CAST(:now AS timestamptz)
+      AND j.type = ANY(CAST(:types AS text[]))
+      AND j.worker_selector <@ CAST(:labels AS jsonb)
+      AND (CAST(:tenants AS text[]) IS NULL OR j.tenant = ANY(CAST(:tenants AS text[])))
+    ORDER BY j.priority DESC, j.created_at, j.id
+    LIMIT :limit
+    """
+)
+
+
+async def claim_candidates(
+    session: AsyncSession,
+    job_types: Sequence[str],
+    worker_labels: Mapping[str, str],
+    now: datetime,
+    *,
+    tenants: Sequence[str] | None,
+    limit: int,
+) -> list[str]:
+    """The ids of the first QUEUED jobs a claim with these filters would look at."""
+    args = {
+        "types": list(job_types),
+        "labels": json.dumps(dict(worker_labels)),
+        "tenants": list(tenants) if tenants is not None else None,
+        "now": now,
+        "limit": limit,
+    }
+    return [str(r.id) for r in await session.execute(_CANDIDATES_SQL, args)]
+
+
+# A QUEUED job that no claim can start (a stored value breaks the statement):
+# FAILED with the given error, its time columns reset to values any reader can
+# decode, so Get, List and Delete work on it again.
+_QUARANTINE_SQL = sa.text(
+    """
+    WITH u AS (
+        UPDATE jobs AS j SET
+            state = 'failed',
+            error = CAST(:error AS jsonb),
+            not_before = CAST(:now AS timestamptz),
+            timeout_ms = 0,
+            finished_at = CAST(:now AS timestamptz),
+            updated_at = CAST(:now AS timestamptz),
+            lease_expires_at = NULL,
+            deadline_at = NULL,
+            last_seq = j.last_seq + 1
+        WHERE j.id = CAST(:id AS uuid) AND j.state = 'queued'
+        RETURNING j.id, j.type, j.state, j.attempt, j.error, j.last_seq
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, state, attempt, error, created_at)
+        SELECT id, last_seq, 'state', state, attempt, error, CAST(:now AS timestamptz)
+        FROM u
+    )
+    SELECT u.id, u.type, u.state, u.attempt, NULL AS worker_id,
+           pg_notify('spool_events', u.id::text)::text AS n
+    FROM u
+    """
+)
+
+
+async def quarantine_job(
+    session: AsyncSession, job_id: str, error: Mapping[str, Any], now: datetime
+) -> Transition | None:
+    """QUEUED → FAILED for a job that breaks the claim statement; None if it moved meanwhile."""
+    args = {"id": job_id, "error": json.dumps(dict(error)), "now": now}
+    row = (await session.execute(_QUARANTINE_SQL, args)).first()
+    return transition_from_row(row) if row is not None else None
 
 
 _NEXT_DUE_SQL = sa.text(
@@ -471,12 +561,17 @@ _RELEASE_SQL = sa.text(
 )
 
 # Fencing: a refused message changes nothing but the job's history, where it is
-# appended as an IGNORED event (if the job still exists).
+# appended as an IGNORED event (if the job still exists) — at most
+# MAX_IGNORED_EVENTS_PER_ATTEMPT of them per attempt, so a zombie or a worker
+# resending a stale outcome cannot grow a job's history without limit.
 _IGNORED_SQL = sa.text(
     """
     WITH u AS (
         UPDATE jobs SET last_seq = last_seq + 1
         WHERE id = CAST(:id AS uuid)
+          AND (SELECT count(*) FROM job_events AS e
+               WHERE e.job_id = CAST(:id AS uuid) AND e.kind = 'ignored'
+                 AND e.attempt = :attempt) < :max_events
         RETURNING id, last_seq
     )
     INSERT INTO job_events (job_id, seq, kind, attempt, worker_id, message, created_at)
@@ -485,6 +580,9 @@ _IGNORED_SQL = sa.text(
     RETURNING job_id, pg_notify('spool_events', job_id::text)::text AS n
     """
 )
+
+#: IGNORED events kept per (job, attempt); later refusals are only logged and counted
+MAX_IGNORED_EVENTS_PER_ATTEMPT = 3
 
 
 def transition_from_row(row: Any) -> Transition:
@@ -505,13 +603,22 @@ async def record_ignored(
     worker_id: str,
     message: str,
     now: datetime,
-) -> None:
-    """Log a refused (stale or late) worker message and append it as an IGNORED event."""
+) -> bool:
+    """Log a refused (stale or late) worker message and append it as an IGNORED event.
+
+    Returns False when the attempt already has MAX_IGNORED_EVENTS_PER_ATTEMPT of
+    them (or the job is gone): the refusal is then only logged.
+    """
     log.info("ignored from worker %s: job %s attempt %d: %s", worker_id, job_id, attempt, message)
-    await session.execute(
-        _IGNORED_SQL,
-        {"id": job_id, "attempt": attempt, "worker_id": worker_id, "message": message, "now": now},
-    )
+    args = {
+        "id": job_id,
+        "attempt": attempt,
+        "worker_id": worker_id,
+        "message": message,
+        "now": now,
+        "max_events": MAX_IGNORED_EVENTS_PER_ATTEMPT,
+    }
+    return (await session.execute(_IGNORED_SQL, args)).first() is not None
 
 
 async def _cas_or_ignore(
@@ -570,10 +677,11 @@ async def fail_attempt(
     """RUNNING → QUEUED (retry with backoff) | FAILED | CANCELED; None when refused.
 
     `error` is the JobError as a dict (code, message, retryable); a retry waits
-    the handler's `retry_delay_s` when given, else exponential backoff with jitter.
+    the handler's `retry_delay_s` when given (at most `backoff_max_s`), else
+    exponential backoff with jitter.
     """
     if retry_delay_s is not None and retry_delay_s > 0:
-        delay_ms = ms(retry_delay_s)
+        delay_ms = ms(min(retry_delay_s, backoff_max_s))
     else:
         delay_ms = backoff_ms(attempt, backoff_base_s, backoff_max_s)
     args = {

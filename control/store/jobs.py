@@ -484,7 +484,7 @@ _LIST_WORKERS_SQL = sa.text(
                      WHERE j.worker_id = w.id AND j.state = 'running' AND j.tenant = :tenant),
                     ARRAY[]::text[]) AS running_job_ids
     FROM workers AS w
-    WHERE w.connected OR :include_disconnected
+    WHERE (w.connected OR :include_disconnected) AND w.tenant IN (:tenant, '*')
     ORDER BY w.id
     """
 ).columns(**_WORKER_TYPES)
@@ -493,7 +493,8 @@ _LIST_WORKERS_SQL = sa.text(
 async def list_workers(
     session: AsyncSession, tenant: str, *, include_disconnected: bool = False
 ) -> list[Row]:
-    """Registered workers (connected only, unless asked), with the tenant's running job ids."""
+    """The tenant's workers and the shared fleet's (connected only, unless asked), with the
+    tenant's running job ids."""
     res = await session.execute(
         _LIST_WORKERS_SQL, {"tenant": tenant, "include_disconnected": include_disconnected}
     )

@@ -267,3 +267,23 @@ async def force_cancel_overdue(
     """RUNNING jobs whose cancel was requested more than `grace_s` ago → CANCELED."""
     args = {"now": now, "grace_ms": ms(grace_s), "batch": batch}
     return [transition_from_row(r) for r in await session.execute(_FORCE_CANCEL_SQL, args)]
+
+
+# After the database was unreachable: every running attempt gets at least one
+# more lease from now (heartbeats could not land meanwhile, so a lease that ran
+# out then says nothing about its worker).
+_EXTEND_RUNNING_SQL = sa.text(
+    """
+    UPDATE jobs SET lease_expires_at = greatest(
+        lease_expires_at, CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond')
+    WHERE state = 'running'
+    """
+)
+
+
+async def extend_running_leases(session: AsyncSession, now: datetime, *, lease_s: float) -> int:
+    """Give every RUNNING attempt a lease of at least `lease_s` from `now`; returns how many."""
+    result = await session.execute(
+        _EXTEND_RUNNING_SQL, {"now": now, "lease_ms": int(lease_s * 1000)}
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -15,14 +15,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-# A Hello: create or refresh the worker's row and mark it connected here.
+# A Hello: create or refresh the worker's row and mark it connected here — only
+# when the id is new or registered to the same owner (the key's tenant/role).
 _UPSERT_SQL = sa.text(
     """
     INSERT INTO workers (id, name, labels, job_types, slots, device, version, connected,
-                         control_replica, connected_at, last_heartbeat_at, disconnected_at)
+                         control_replica, connected_at, last_heartbeat_at, disconnected_at,
+                         owner, tenant)
     VALUES (:id, :name, CAST(:labels AS jsonb), CAST(:job_types AS jsonb), :slots,
             CAST(:device AS jsonb), :version, true, :replica,
-            CAST(:now AS timestamptz), CAST(:now AS timestamptz), NULL)
+            CAST(:now AS timestamptz), CAST(:now AS timestamptz), NULL, :owner, :tenant)
     ON CONFLICT (id) DO UPDATE SET
         name = EXCLUDED.name,
         labels = EXCLUDED.labels,
@@ -34,7 +36,11 @@ _UPSERT_SQL = sa.text(
         control_replica = EXCLUDED.control_replica,
         connected_at = EXCLUDED.connected_at,
         last_heartbeat_at = EXCLUDED.last_heartbeat_at,
-        disconnected_at = NULL
+        disconnected_at = NULL,
+        owner = EXCLUDED.owner,
+        tenant = EXCLUDED.tenant
+    WHERE workers.owner IN (EXCLUDED.owner, '')
+    RETURNING id
     """
 )
 
@@ -51,9 +57,14 @@ async def upsert_connected(
     version: str,
     replica: str,
     now: datetime,
-) -> None:
-    """Record a worker's Hello: its description, connected to `replica` since `now`."""
-    await session.execute(
+    owner: str,
+    tenant: str,
+) -> bool:
+    """Record a worker's Hello: its description, connected to `replica` since `now`.
+
+    Returns False (and changes nothing) when the id is registered to another owner.
+    """
+    result = await session.execute(
         _UPSERT_SQL,
         {
             "id": worker_id,
@@ -65,8 +76,11 @@ async def upsert_connected(
             "version": version,
             "replica": replica,
             "now": now,
+            "owner": owner,
+            "tenant": tenant,
         },
     )
+    return result.first() is not None
 
 
 _HEARTBEAT_SQL = sa.text(
@@ -118,4 +132,20 @@ _DISCONNECT_REPLICA_SQL = sa.text(
 async def mark_replica_disconnected(session: AsyncSession, replica: str, now: datetime) -> int:
     """Mark every worker connected to `replica` disconnected (the replica is stopping)."""
     result = await session.execute(_DISCONNECT_REPLICA_SQL, {"replica": replica, "now": now})
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+# Workers still marked connected whose heartbeats stopped (their replica died
+# without closing their streams, or they vanished): marked disconnected.
+_DISCONNECT_STALE_SQL = sa.text(
+    """
+    UPDATE workers SET connected = false, disconnected_at = CAST(:now AS timestamptz)
+    WHERE connected AND last_heartbeat_at < CAST(:before AS timestamptz)
+    """
+)
+
+
+async def mark_stale_disconnected(session: AsyncSession, before: datetime, now: datetime) -> int:
+    """Mark workers whose last heartbeat is older than `before` disconnected; returns how many."""
+    result = await session.execute(_DISCONNECT_STALE_SQL, {"before": before, "now": now})
     return int(getattr(result, "rowcount", 0) or 0)

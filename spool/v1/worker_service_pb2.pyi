@@ -428,10 +428,62 @@ class ConnectResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class Ack(_message.Message):
+        """The outcomes (Completed, Failed, Released, Canceled) named here were
+        committed: applied, or refused for good (a stale attempt, a value that
+        cannot be stored). The worker keeps every outcome until it is acknowledged
+        and resends the unacknowledged ones after a reconnect, to any replica.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        @_typing.final
+        class Outcome(_message.Message):
+            DESCRIPTOR: _descriptor.Descriptor
+
+            REF_FIELD_NUMBER: _builtins.int
+            APPLIED_FIELD_NUMBER: _builtins.int
+            REASON_FIELD_NUMBER: _builtins.int
+            applied: _builtins.bool
+            """False when the outcome was refused; `reason` says why. Either way the
+            worker forgets it: resending cannot change the answer.
+            """
+            reason: _builtins.str
+            @_builtins.property
+            def ref(self) -> Global___AttemptRef: ...
+            def __init__(
+                self,
+                *,
+                ref: Global___AttemptRef | None = ...,
+                applied: _builtins.bool = ...,
+                reason: _builtins.str = ...,
+            ) -> None: ...
+            _HasFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+            def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+            _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "reason", b"reason", "ref", b"ref"]  # noqa: Y015
+            def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+            def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+        OUTCOMES_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectResponse.Ack.Outcome]: ...
+        def __init__(
+            self,
+            *,
+            outcomes: _abc.Iterable[Global___ConnectResponse.Ack.Outcome] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WELCOME_FIELD_NUMBER: _builtins.int
     ASSIGN_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___ConnectResponse.Welcome: ...
     @_builtins.property
@@ -440,6 +492,8 @@ class ConnectResponse(_message.Message):
     def cancel(self) -> Global___ConnectResponse.Cancel: ...
     @_builtins.property
     def drain(self) -> Global___ConnectResponse.Drain: ...
+    @_builtins.property
+    def ack(self) -> Global___ConnectResponse.Ack: ...
     def __init__(
         self,
         *,
@@ -447,12 +501,13 @@ class ConnectResponse(_message.Message):
         assign: Global___ConnectResponse.Assign | None = ...,
         cancel: Global___ConnectResponse.Cancel | None = ...,
         drain: Global___ConnectResponse.Drain | None = ...,
+        ack: Global___ConnectResponse.Ack | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "cancel", b"cancel", "drain", b"drain", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "cancel", b"cancel", "drain", b"drain", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "cancel", b"cancel", "drain", b"drain", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "cancel", b"cancel", "drain", b"drain", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assign", "cancel", "drain"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assign", "cancel", "drain", "ack"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

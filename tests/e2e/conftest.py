@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import Client, Workers, control_plane
+from e2e_support import Client, RawWorker, Workers, control_plane
+from helpers import WORKER_KEY
 
 
 @pytest.fixture
@@ -46,3 +47,20 @@ async def client(cp: Any) -> AsyncIterator[Client]:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture
+async def raw(cp: Any) -> AsyncIterator[Any]:
+    """`raw(key)` opens a Connect stream played by the test (a RawWorker); closed after."""
+    opened: list[RawWorker] = []
+
+    def connect(key: str = WORKER_KEY) -> RawWorker:
+        w = RawWorker(cp.address, key)
+        opened.append(w)
+        return w
+
+    try:
+        yield connect
+    finally:
+        for w in opened:
+            await w.close()

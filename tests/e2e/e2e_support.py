@@ -24,7 +24,13 @@ import sqlalchemy as sa
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from helpers import TENANT_A_KEY, WORKER_KEY, running_control_plane, wait_until
 
-from spool.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
+from spool.v1 import (
+    job_pb2,
+    job_service_pb2,
+    job_service_pb2_grpc,
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 E2E_DIR = Path(__file__).resolve().parent
@@ -38,6 +44,9 @@ E2E_SETTINGS: dict[str, Any] = {
     "retry_backoff_max_s": 1.0,
 }
 WORKER_TYPES = "debug.sleep,debug.noop,e2e.tick"
+
+Req = worker_service_pb2.ConnectRequest
+Ref = worker_service_pb2.AttemptRef
 
 
 @contextlib.asynccontextmanager
@@ -248,3 +257,69 @@ def ticks(path: Path) -> int:
         return len(path.read_text().splitlines())
     except FileNotFoundError:
         return 0
+
+
+class RawWorker:
+    """A worker played by the test: send what you like, read what comes."""
+
+    def __init__(self, address: str, key: str = WORKER_KEY) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = worker_service_pb2_grpc.WorkerServiceStub(self.channel)
+        self.outgoing: asyncio.Queue[Req | None] = asyncio.Queue()
+        self.call = self.stub.Connect(
+            self._requests(), metadata=(("authorization", f"Bearer {key}"),)
+        )
+        # Reads go through a queue: cancelling a pending call.read() would cancel the RPC.
+        self.incoming: asyncio.Queue[Any] = asyncio.Queue()
+        #: Ack entries as they came ((job_id, attempt) -> the entry), kept apart from `incoming`
+        self.acks: dict[tuple[str, int], Any] = {}
+        self._reader = asyncio.create_task(self._read_all())
+
+    async def _read_all(self) -> None:
+        try:
+            async for msg in self.call:
+                if msg.WhichOneof("message") == "ack":
+                    for entry in msg.ack.outcomes:
+                        self.acks[(entry.ref.job_id, entry.ref.attempt)] = entry
+                    continue
+                self.incoming.put_nowait(msg)
+        except grpc.aio.AioRpcError as exc:
+            self.incoming.put_nowait(exc)
+        except asyncio.CancelledError:
+            pass
+
+    async def _requests(self):
+        while (msg := await self.outgoing.get()) is not None:
+            yield msg
+
+    def send(self, **kwargs: Any) -> None:
+        self.outgoing.put_nowait(Req(**kwargs))
+
+    def hello(self, worker_id: str, slots: int = 4, running=(), types=("debug.noop",)) -> None:
+        self.send(
+            hello=Req.Hello(
+                worker_id=worker_id,
+                name=worker_id,
+                job_types=list(types),
+                slots=slots,
+                running=[Ref(job_id=j, attempt=a) for j, a in running],
+            )
+        )
+
+    async def read(self, wait_s: float = 10.0):
+        msg = await asyncio.wait_for(self.incoming.get(), wait_s)
+        if isinstance(msg, Exception):
+            raise msg
+        return msg
+
+    async def read_kind(self, kind: str, wait_s: float = 10.0):
+        msg = await self.read(wait_s)
+        assert msg.WhichOneof("message") == kind, msg
+        return getattr(msg, kind)
+
+    async def close(self) -> None:
+        self.outgoing.put_nowait(None)
+        self.call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self.channel.close()

@@ -3,95 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import grpc
 import pytest
 import sqlalchemy as sa
 from e2e_support import events, job_row, wait_until
-from helpers import TENANT_A_KEY, WORKER_KEY
+from helpers import TENANT_A_KEY
 
-from spool.v1 import job_pb2, worker_service_pb2, worker_service_pb2_grpc
+from spool.v1 import job_pb2, worker_service_pb2
 
 Req = worker_service_pb2.ConnectRequest
 Ref = worker_service_pb2.AttemptRef
 SUCCEEDED = job_pb2.JOB_STATE_SUCCEEDED
-
-
-class RawWorker:
-    """A worker played by the test: send what you like, read what comes."""
-
-    def __init__(self, address: str, key: str = WORKER_KEY) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
-        self.stub = worker_service_pb2_grpc.WorkerServiceStub(self.channel)
-        self.outgoing: asyncio.Queue[Req | None] = asyncio.Queue()
-        self.call = self.stub.Connect(
-            self._requests(), metadata=(("authorization", f"Bearer {key}"),)
-        )
-        # Reads go through a queue: cancelling a pending call.read() would cancel the RPC.
-        self.incoming: asyncio.Queue[Any] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read_all())
-
-    async def _read_all(self) -> None:
-        try:
-            async for msg in self.call:
-                self.incoming.put_nowait(msg)
-        except grpc.aio.AioRpcError as exc:
-            self.incoming.put_nowait(exc)
-        except asyncio.CancelledError:
-            pass
-
-    async def _requests(self):
-        while (msg := await self.outgoing.get()) is not None:
-            yield msg
-
-    def send(self, **kwargs: Any) -> None:
-        self.outgoing.put_nowait(Req(**kwargs))
-
-    def hello(self, worker_id: str, slots: int = 4, running=(), types=("debug.noop",)) -> None:
-        self.send(
-            hello=Req.Hello(
-                worker_id=worker_id,
-                name=worker_id,
-                job_types=list(types),
-                slots=slots,
-                running=[Ref(job_id=j, attempt=a) for j, a in running],
-            )
-        )
-
-    async def read(self, wait_s: float = 10.0):
-        msg = await asyncio.wait_for(self.incoming.get(), wait_s)
-        if isinstance(msg, Exception):
-            raise msg
-        return msg
-
-    async def read_kind(self, kind: str, wait_s: float = 10.0):
-        msg = await self.read(wait_s)
-        assert msg.WhichOneof("message") == kind, msg
-        return getattr(msg, kind)
-
-    async def close(self) -> None:
-        self.outgoing.put_nowait(None)
-        self.call.cancel()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
-        await self.channel.close()
-
-
-@pytest.fixture
-async def raw(cp):
-    opened: list[RawWorker] = []
-
-    def connect(key: str = WORKER_KEY) -> RawWorker:
-        w = RawWorker(cp.address, key)
-        opened.append(w)
-        return w
-
-    try:
-        yield connect
-    finally:
-        for w in opened:
-            await w.close()
 
 
 async def test_never_more_assignments_than_credits(cp, client, raw):

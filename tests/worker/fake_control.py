@@ -60,6 +60,11 @@ class FakeControl(worker_service_pb2_grpc.WorkerServiceServicer):
         self.running: set[tuple[str, int]] = set()
         self.assigned_at: dict[tuple[str, int], float] = {}
         self.violations: list[str] = []
+        #: acknowledge outcomes (as control does once committed); off to test resends
+        self.ack_outcomes = True
+        #: outcomes acknowledged, and outcomes received again before their Ack
+        self.acked: set[tuple[str, int]] = set()
+        self.resent: list[tuple[str, int]] = []
         self.slots = 0
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -120,6 +125,14 @@ class FakeControl(worker_service_pb2_grpc.WorkerServiceServicer):
                     grace_period=grace,
                 )
             )
+        )
+
+    def ack(self, key: tuple[str, int], applied: bool = True) -> None:
+        """Acknowledge an attempt's outcome on the current stream."""
+        self.acked.add(key)
+        ref = worker_service_pb2.AttemptRef(job_id=key[0], attempt=key[1])
+        self.current.out.put_nowait(
+            Resp(ack=Resp.Ack(outcomes=[Resp.Ack.Outcome(ref=ref, applied=applied)]))
         )
 
     def drain(self) -> None:
@@ -190,10 +203,14 @@ class FakeControl(worker_service_pb2_grpc.WorkerServiceServicer):
                 elif kind in ("completed", "failed", "canceled", "released"):
                     ref = getattr(req, kind).ref
                     key = (ref.job_id, ref.attempt)
-                    if key in self.results:
-                        self.violations.append(f"second result for {key}")
+                    if key in self.acked:
+                        self.violations.append(f"result for {key} sent again after its Ack")
+                    elif key in self.results:
+                        self.resent.append(key)
                     self.results[key] = req
                     self.running.discard(key)
+                    if self.ack_outcomes:
+                        self.ack(key)
             stream.half_closed = True
         finally:
             # Like the real control plane: once the worker half-closes, end the stream.

@@ -77,3 +77,14 @@ class Writer(Handler):
         data = ctx.input_path(0).read_bytes()
         ctx.output_path("copy.txt").write_bytes(data)
         return {"bytes": len(data)}
+
+
+class Odd(Handler):
+    """Reports NaN progress and returns a result no protobuf string can carry."""
+
+    name = "test.odd"
+    Params = Params
+
+    def run(self, ctx: JobContext, params: Params) -> dict:
+        ctx.progress(fraction=float("nan"), message="nul\x00inside")
+        return {"loss": float("nan"), "bad": "\ud800"}

@@ -181,3 +181,42 @@ async def test_drain_from_control_releases_unfinished(control: FakeControl, star
     # every message before the worker went (a cancelled call can drop the last ones).
     assert ended_before_stop == [True]
     await asyncio.sleep(0)  # the agent task ends; the fixture awaits it
+
+
+async def test_an_unacknowledged_result_is_resent_after_a_reconnect(
+    control: FakeControl, start_agent
+):
+    """Control may die before it commits an outcome: the worker keeps it until the Ack."""
+    agent = await start_agent(control, slots=1)
+    control.ack_outcomes = False
+    key = control.submit(make_job("test.probe"))
+    await wait_until(lambda: key in control.results, what="first result")
+    sent = json_format.MessageToDict(control.results[key].completed.result)
+    assert key in agent.jobs  # written, not acknowledged: still held
+    first = control.current
+    first.out.put_nowait(None)  # the stream ends before any Ack
+    await wait_until(lambda: len(control.streams) > 1 and control.current.hello is not None)
+    second = control.current
+    # The new stream's Hello still names the attempt (its lease is kept) ...
+    assert key in {(r.job_id, r.attempt) for r in second.hello.running}
+    # ... and the outcome comes again on it.
+    await wait_until(lambda: key in control.resent, what="resent result")
+    resent = [m.completed for _, m in second.received if m.WhichOneof("message") == "completed"]
+    assert resent and json_format.MessageToDict(resent[-1].result) == sent
+    control.ack(key)
+    await wait_until(lambda: key not in agent.jobs, what="forgotten after the Ack")
+    assert control.violations == []
+
+
+async def test_a_result_that_cannot_be_sent_fails_the_attempt(control: FakeControl, start_agent):
+    """Odd values from a handler never stop the stream: NaN progress is cleaned on the way."""
+    await start_agent(control, slots=1)
+    key = control.submit(make_job("test.odd"))
+    await wait_until(lambda: key in control.results, what="odd result")
+    res = control.results[key]
+    assert res.WhichOneof("message") == "failed", res
+    assert res.failed.error.code == "INVALID_RESULT" and not res.failed.error.retryable
+    progress = control.messages("progress")[-1].progress
+    assert progress.fraction == 0 and progress.message == "nul\x00inside"
+    later = control.submit(make_job("debug.noop"))
+    await wait_until(lambda: later in control.results, what="the next job")
