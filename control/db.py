@@ -32,33 +32,6 @@ T = TypeVar("T")
 #: how long dispose() waits for shielded work still running
 DISPOSE_WAIT_S = 5.0
 
-#: SQLSTATE classes that blame the values of a statement, not the connection:
-#: 22 data exception (out of range, bad text or JSON), 23 integrity constraint,
-#: 54 program limit exceeded
-_BAD_VALUE_SQLSTATE_CLASSES = ("22", "23", "54")
-
-
-def is_bad_value(exc: BaseException) -> bool:
-    """True when `exc` says a statement's values cannot be stored or computed.
-
-    Such an error repeats however often the statement is retried, unlike a
-    lost connection or a restarting server: the caller should refuse the
-    offending item alone instead of retrying. Python-side conversion errors
-    (an out-of-range datetime decoded from a row, a value the driver cannot
-    encode) count too.
-    """
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        sqlstate = getattr(cause, "sqlstate", None)
-        if isinstance(sqlstate, str):
-            return sqlstate[:2] in _BAD_VALUE_SQLSTATE_CLASSES
-        if isinstance(cause, OverflowError | UnicodeError | ValueError | TypeError):
-            return True
-        cause = getattr(cause, "orig", None) or cause.__cause__
-    return False
-
 
 def async_url(url: str) -> str:
     """`postgresql://…` (any driver) → the `postgresql+asyncpg://…` SQLAlchemy uses."""

@@ -186,6 +186,31 @@ def is_database_unavailable(exc: BaseException) -> bool:
     return False
 
 
+#: SQLSTATE classes that blame the values of a statement, not the connection:
+#: 22 data exception (out of range, bad text or JSON), 23 integrity constraint,
+#: 54 program limit exceeded
+_BAD_VALUE_SQLSTATE_CLASSES = ("22", "23", "54")
+
+
+def is_bad_value(exc: BaseException) -> bool:
+    """True when `exc` says a statement's values cannot be stored or computed.
+
+    Such an error repeats however often the statement is retried, unlike a
+    lost connection or a restarting server: the caller should refuse the
+    offending item alone instead of retrying. Python-side conversion errors
+    (an out-of-range datetime decoded from a row, a value the driver cannot
+    encode) count too.
+    """
+    if is_database_unavailable(exc):
+        return False
+    chain = _chain(exc)
+    for e in chain:
+        sqlstate = getattr(e, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate:
+            return sqlstate[:2] in _BAD_VALUE_SQLSTATE_CLASSES
+    return any(isinstance(e, OverflowError | UnicodeError | ValueError | TypeError) for e in chain)
+
+
 def unavailable_status() -> grpc.Status:
     """The status for a database outage: UNAVAILABLE, retryable, nothing about the cause."""
     return rpc_status.to_status(

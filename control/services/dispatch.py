@@ -38,8 +38,7 @@ from typing import Any, TypeVar
 
 from control import metrics
 from control.auth import ANONYMOUS, FLEET_TENANT, Principal
-from control.db import is_bad_value
-from control.errors import PermissionDenied
+from control.errors import PermissionDenied, is_bad_value
 from control.store import dispatch as store
 from control.store import leases as leases_store
 from control.store import workers as workers_store

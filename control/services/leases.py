@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from control import metrics
-from control.db import is_bad_value
+from control.errors import is_bad_value
 from control.periodic import Periodic
 from control.services.dispatch import utcnow
 from control.store import leases as store
