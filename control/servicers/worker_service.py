@@ -308,6 +308,10 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 out = await session.outbox.get()
                 if out is None:
                     break
+                if isinstance(out, dispatch.Assign) and session.closed:
+                    # The worker stopped reading jobs (it half-closed): hand it back.
+                    session.unsent.append(out)
+                    continue
                 await context.write(self._to_proto(out))
             if reader.done() and isinstance(reader.exception(), SpoolError):
                 await abort(context, reader.exception())  # type: ignore[arg-type]

@@ -235,6 +235,8 @@ class WorkerSession:
         #: attempts this session believes the worker runs
         self.running: set[tuple[str, int]] = set()
         self.outbox: asyncio.Queue[Outbound | None] = asyncio.Queue()
+        #: Assigns taken off the outbox but not sent (the stream was closing)
+        self.unsent: list[Assign] = []
         self.closed = False
         self._cancel_sent: set[tuple[str, int]] = set()
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -639,7 +641,7 @@ class Dispatcher:
             if s is session:
                 del self.sessions[key]
         metrics.OPEN_STREAMS.labels(kind="worker").dec()
-        unsent = []
+        unsent = [out.job for out in session.unsent]
         while not session.outbox.empty():
             out = session.outbox.get_nowait()
             if isinstance(out, Assign):
