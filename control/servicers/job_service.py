@@ -218,7 +218,11 @@ def spec_from_proto(spec: job_pb2.JobSpec, prefix: str = "job") -> JobSpec:
     service checks the rest (`control.services.jobs.validate_spec`).
     """
     not_before = validate.not_before_time(f"{prefix}.not_before", spec.not_before)
-    params = validate.struct(f"{prefix}.params", spec.params) if spec.HasField("params") else {}
+    params = (
+        validate.struct(f"{prefix}.params", spec.params, max_bytes=None)
+        if spec.HasField("params")
+        else {}
+    )
     return JobSpec(
         type=spec.type,
         params=params,
