@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 PROTOS := $(wildcard protos/spool/v1/*.proto)
 
-.PHONY: help bootstrap run control worker test test-all proto proto-check lint format bench demo clean
+.PHONY: help bootstrap run control worker test test-all fuzz proto proto-check lint format bench demo clean
 
 help:
 	@echo "make run      start embedded Postgres + control plane + one worker"
 	@echo "make test     run the whole test suite"
+	@echo "make fuzz     the fuzz tests (tests/fuzz) with ten times the examples"
 	@echo "make proto    regenerate Python stubs from protos/"
 	@echo "make lint     ruff + buf lint + stale-stub check"
 	@echo "make bench    write benchmark figures to bench/report.md"
@@ -41,6 +42,9 @@ test: $(STAMP) proto-check
 
 test-all: $(STAMP)
 	SPOOL_SLOW=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+fuzz: $(STAMP)
+	SPOOL_SLOW=1 $(BIN)/python -m pytest -q tests/fuzz $(PYTEST_ARGS)
 
 proto: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos \

@@ -319,8 +319,12 @@ def struct(
     if value is None:
         return {}
     _check_struct(field, value, max_depth, 0)
-    data = json_format.MessageToDict(value)
-    return json_value(field, data, max_depth=max_depth, max_bytes=max_bytes)
+    data: dict[str, Any] = json_format.MessageToDict(value)
+    if max_bytes is not None:
+        size = len(json.dumps(data, separators=(",", ":")).encode())
+        if size > max_bytes:
+            raise InvalidArgument(field, f"at most {max_bytes} bytes once serialized")
+    return data
 
 
 def _check_struct(path: str, message: struct_pb2.Struct, max_depth: int, depth: int) -> None:

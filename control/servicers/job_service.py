@@ -7,6 +7,7 @@ statuses. The caller's tenant comes from `control.auth.current_principal()`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -76,23 +77,51 @@ def _struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     return s
 
 
+def _finite(value: Any, default: float | None = 0.0) -> float | None:
+    """A stored number as a finite float, else `default` (stored JSON is not always tidy)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    try:
+        number = float(value)
+    except OverflowError:
+        return default
+    return number if math.isfinite(number) else default
+
+
+def _int64(value: Any) -> int:
+    """A stored integer clamped to int64 (0 when it is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return max(-(2**63), min(2**63 - 1, int(value)))
+
+
 def progress_to_proto(p: Mapping[str, Any] | None) -> job_pb2.Progress | None:
-    """A stored progress dict (see WorkerService) as a Progress message."""
+    """A stored progress dict (see WorkerService) as a Progress message.
+
+    Never fails on what is stored: numbers out of a field's range are clamped
+    or left out (an eta beyond a Duration's range, a time outside years 1-9999).
+    """
     if not p:
         return None
     msg = job_pb2.Progress(
-        fraction=float(p.get("fraction") or 0.0),
+        fraction=_finite(p.get("fraction")),
         stage=str(p.get("stage") or ""),
         message=str(p.get("message") or ""),
-        done=int(p.get("done") or 0),
-        total=int(p.get("total") or 0),
+        done=_int64(p.get("done")),
+        total=_int64(p.get("total")),
         unit=str(p.get("unit") or ""),
-        rate=float(p.get("rate") or 0.0),
+        rate=_finite(p.get("rate")),
     )
-    if p.get("eta_s") is not None:
-        msg.eta.CopyFrom(_seconds_to_duration(float(p["eta_s"])))
-    if p.get("time") is not None:
-        msg.update_time.FromNanoseconds(int(float(p["time"]) * 1e9))
+    eta_s = _finite(p.get("eta_s"), None)
+    if eta_s is not None and abs(eta_s) <= validate.DURATION_MAX_SECONDS:
+        msg.eta.CopyFrom(_seconds_to_duration(eta_s))
+    time_s = _finite(p.get("time"), None)
+    if time_s is not None and (
+        validate.TIMESTAMP_MIN_SECONDS <= time_s <= validate.TIMESTAMP_MAX_SECONDS
+    ):
+        msg.update_time.FromNanoseconds(int(time_s * 1e9))
     return msg
 
 
@@ -189,7 +218,11 @@ def spec_from_proto(spec: job_pb2.JobSpec, prefix: str = "job") -> JobSpec:
     service checks the rest (`control.services.jobs.validate_spec`).
     """
     not_before = validate.not_before_time(f"{prefix}.not_before", spec.not_before)
-    params = validate.struct(f"{prefix}.params", spec.params) if spec.HasField("params") else {}
+    params = (
+        validate.struct(f"{prefix}.params", spec.params, max_bytes=None)
+        if spec.HasField("params")
+        else {}
+    )
     return JobSpec(
         type=spec.type,
         params=params,

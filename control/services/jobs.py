@@ -116,8 +116,10 @@ def validate_spec(
         name("type"), spec.type, max_len=MAX_TYPE_LEN, required=True, strip=True
     )
     validate.integer(name("priority"), spec.priority, lo=MIN_PRIORITY, hi=MAX_PRIORITY)
-    params = validate.json_value(name("params"), dict(spec.params), max_bytes=MAX_PARAMS_BYTES)
+    params = validate.json_value(name("params"), dict(spec.params), max_bytes=None)
     params_json = json.dumps(params, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    if len(params_json.encode()) > MAX_PARAMS_BYTES:
+        raise bad("params", f"at most {MAX_PARAMS_BYTES} bytes once serialized")
     if len(spec.inputs) > MAX_INPUTS:
         raise bad("inputs", f"at most {MAX_INPUTS} inputs")
     for i, uri in enumerate(spec.inputs):

@@ -120,6 +120,10 @@ def test_struct() -> None:
     empty_value.fields["a"].Clear()  # an entry whose Value has no kind
     _raises("p.a", validate.struct, "p", empty_value)
     assert validate.struct("p", None) == {}
+    big = struct_pb2.Struct()
+    big.update({"a": "x" * 100})
+    _raises("p", validate.struct, "p", big, max_bytes=50)
+    assert validate.struct("p", big, max_bytes=None) == {"a": "x" * 100}
 
 
 def test_json_safe() -> None:
