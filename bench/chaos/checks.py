@@ -20,7 +20,9 @@ Violations (each with examples):
 - `duplicate_job`: two jobs for one logical job that carried a request_id.
 - `lost_result`: a job FAILED with WORKER_LOST / LEASE_EXPIRED although its handler finished
   that attempt, and the worker process was neither killed nor stopped meanwhile;
-  `result_discarded`: the same for an attempt that was then run again.
+  `result_discarded`: the same for an attempt that was then run again;
+  `healthy_requeued`: an attempt requeued so while its handler was still running fine
+  (it finished later) on a worker neither killed nor stopped.
 """
 
 from __future__ import annotations
@@ -226,30 +228,45 @@ class Checker:
         """Attempts whose handler finished but whose result was dropped (lost results)."""
         job_id = job["id"]
         for n, a in sorted(attempts.items()):
+            if a.get("code") not in LOST_CODES:
+                continue
+            end = a.get("end", 0.0)
             mark = self.ev.marks.get((job_id, n))
-            if mark is None or a.get("code") not in LOST_CODES:
+            if mark is None:
+                fault = self._worker_fault(a["worker"] + "#", a["start"], end)
+                key = "by a worker fault" if fault else "with no worker fault"
+                self.info[f"attempts requeued {a['code']} unfinished, {key}"] += 1
                 continue
             instance, finished_at = mark
             final = job["state"] == "failed" and job["attempt"] == n
             if final and a["code"] == "WORKER_LOST":
                 self.info["FAILED WORKER_LOST after the handler finished"] += 1
-            excuse = self._worker_fault(instance, a["start"], a.get("end", finished_at))
+            excuse = self._worker_fault(instance, a["start"], end)
             if excuse:
                 self.info[f"results lost to a worker {excuse} (expected)"] += 1
                 continue
-            self.add(
-                "lost_result" if final else "result_discarded",
-                job=job_id,
-                attempt=n,
-                instance=instance,
-                handler_finished_at=round(finished_at, 2),
-                ended=f"{a.get('end_state')} {a['code']} at {a.get('end', 0):.2f}s",
-                job_state=job["state"],
-            )
+            example = {
+                "job": job_id,
+                "attempt": n,
+                "instance": instance,
+                "handler_finished_at": round(finished_at, 2),
+                "ended": f"{a.get('end_state')} {a['code']} at {end:.2f}s",
+                "job_state": job["state"],
+            }
+            if finished_at > end + TIME_SLACK_S:
+                # Not a result lost but healthy work taken away: the attempt was judged
+                # lost while its handler still ran on a worker nobody killed or stopped.
+                self.add("healthy_requeued", **example)
+            else:
+                self.add("lost_result" if final else "result_discarded", **example)
 
     def _worker_fault(self, instance: str, start: float, end: float) -> str:
+        """The kind of fault (kill, stop) `instance` got while the attempt ran, or "".
+
+        An `instance` ending in "#" matches every instance of that worker."""
         for inst, kind, f_start, f_end in self.ev.worker_faults:
-            if inst == instance and f_start <= end + TIME_SLACK_S and f_end >= start - TIME_SLACK_S:
+            same = inst.startswith(instance) if instance.endswith("#") else inst == instance
+            if same and f_start <= end + TIME_SLACK_S and f_end >= start - TIME_SLACK_S:
                 return kind
         return ""
 
