@@ -306,7 +306,6 @@ class StreamProxy:
         self._prefer = prefer
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
     @property

@@ -127,6 +127,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
         checker.run()
         for failure in injector.failed:
             checker.add("fault_failed", what=failure)
+        for error in watchers.errors:
+            checker.add("harness_error", what=error)
         if not settled:
             checker.info["not settled within the settle time"] = 1
         _attach_logs(checker.violations, cluster.logs_dir)
@@ -246,10 +248,12 @@ def _attach_logs(violations: dict[str, list[dict[str, Any]]], logs_dir: Path) ->
             key = ex.get("request_id") or ex.get("job")
             if not isinstance(key, str) or len(key) < 8:
                 continue
+            # A request id must match whole (chaos-71 is not chaos-710).
+            pattern = re.compile(re.escape(key) + (r"(?!\d)" if ex.get("request_id") else ""))
             quoted: list[str] = []
             for name, lines in sorted(texts.items()):
                 for i, line in enumerate(lines):
-                    if key in line:
+                    if pattern.search(line):
                         quoted.append(f"{name}: {line}")
                         if ex.get("request_id"):
                             quoted += [f"{name}: {x}" for x in _exception_lines(lines, i + 1)]

@@ -285,7 +285,9 @@ class Submitter:
                 await asyncio.sleep(wait)
             self._spawn(self._send(g))
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            for result in await asyncio.gather(*list(self._tasks), return_exceptions=True):
+                if isinstance(result, Exception):
+                    raise result  # a bug of the harness: fail loudly
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -362,6 +364,8 @@ class Watchers:
         self._calls: dict[str, Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        #: exceptions that ended a watcher (bugs of the harness: reported as violations)
+        self.errors: list[str] = []
 
     def watch(self, job_id: str) -> None:
         if job_id in self.watches:
@@ -370,7 +374,7 @@ class Watchers:
         self.watches[job_id] = w
         task = asyncio.create_task(self._run(w))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
 
     def open_count(self) -> int:
         return len(self._calls)
@@ -387,11 +391,12 @@ class Watchers:
     async def _run(self, w: Watch) -> None:
         start = time.monotonic()
         delay = 0.1
+        first = True
         while w.ended_at is None and not self._stopping:
             stub = self.api.stubs[self.api.pick()]
             req = job_service_pb2.WatchProgressRequest(job_id=w.job_id, after_seq=w.last_seq)
-            if w.events or w.resumes:
-                w.resumes += 1
+            w.resumes += 0 if first else 1
+            first = False
             md = self.api.metadata()
             call = stub.WatchProgress(req, metadata=md)
             self._calls[w.job_id] = call
@@ -406,6 +411,8 @@ class Watchers:
                 w.early_eofs += 1
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                if self._stopping:
+                    return
                 if not (code == grpc.StatusCode.CANCELLED and w.cuts > cut_before):
                     w.errors[code.name] += 1
                     self.api.calls.record(
@@ -441,8 +448,13 @@ class Watchers:
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.errors.append(f"watcher: {task.exception()!r}")
 
 
 # -------------------------------------------------------------------- observer
