@@ -251,6 +251,7 @@ class Checker:
                 "instance": instance,
                 "handler_finished_at": round(finished_at, 2),
                 "ended": f"{a.get('end_state')} {a['code']} at {end:.2f}s",
+                "ended_at": round(end, 2),
                 "job_state": job["state"],
             }
             if finished_at > end + TIME_SLACK_S:

@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ SETTLE_S = 90.0
 #: after that, how long open watchers get to see their stream end
 WATCH_END_S = 8.0
 #: log lines quoted per violation example
-LOG_LINES = 8
+LOG_LINES = 14
 #: the start of a log line (control: ISO time; worker: "2026-01-01 10:00:00,123")
 _LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d")
 
@@ -131,7 +132,8 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
             checker.add("harness_error", what=error)
         if not settled:
             checker.info["not settled within the settle time"] = 1
-        _attach_logs(checker.violations, cluster.logs_dir)
+        _attach_logs(checker.violations, cluster.logs_dir, clock.t0)
+        _attach_faults(checker.violations, injector.done)
         notes = (
             []
             if cluster.postgres.restartable
@@ -181,6 +183,10 @@ async def run_chaos(cfg: ChaosConfig) -> dict[str, Any]:
             "violations": {
                 "total": sum(len(v) for v in checker.violations.values()),
                 "by_kind": {k: len(v) for k, v in sorted(checker.violations.items())},
+                "by_near_fault": {
+                    k: dict(Counter(_near(ex) for ex in v).most_common())
+                    for k, v in sorted(checker.violations.items())
+                },
                 "examples": {k: v[:5] for k, v in sorted(checker.violations.items())},
             },
             "run_dir": str(run_dir) if cfg.keep_dir else "",
@@ -238,10 +244,11 @@ async def _read_db(cluster: Cluster, tenant: str) -> tuple[list[Any], list[Any]]
     return [dict(r) for r in jobs], [dict(r) for r in events]
 
 
-def _attach_logs(violations: dict[str, list[dict[str, Any]]], logs_dir: Path) -> None:
+def _attach_logs(violations: dict[str, list[dict[str, Any]]], logs_dir: Path, t0: float) -> None:
     """Quote the log lines behind the first examples of each kind: the lines naming the
-    job, or for a bad status the server's lines of that request id (with the exception
-    its traceback ended in)."""
+    job; for a bad status the server's lines of that request id (with the exception its
+    traceback ended in); for a lost result also what the replicas said about that worker
+    meanwhile (warnings, errors, disconnects)."""
     texts = {p.name: p.read_text(errors="replace").splitlines() for p in logs_dir.glob("*.log")}
     for examples in violations.values():
         for ex in examples[:2]:
@@ -257,7 +264,52 @@ def _attach_logs(violations: dict[str, list[dict[str, Any]]], logs_dir: Path) ->
                         quoted.append(f"{name}: {line}")
                         if ex.get("request_id"):
                             quoted += [f"{name}: {x}" for x in _exception_lines(lines, i + 1)]
+            if "instance" in ex and "ended_at" in ex:
+                worker = f"worker {ex['instance'].partition('#')[0]}"
+                since, until = t0 + ex["handler_finished_at"] - 0.5, t0 + ex["ended_at"] + 0.5
+                quoted += [
+                    f"{name}: {line}"
+                    for name, lines in sorted(texts.items())
+                    if name.startswith("replica")
+                    for line in lines
+                    if worker in line
+                    and " info spool.rpc " not in line
+                    and since <= _control_log_time(line) <= until
+                ]
             ex["log"] = quoted[:LOG_LINES]
+
+
+def _control_log_time(line: str) -> float:
+    """The epoch time of a control-plane text log line (0.0 when it has none)."""
+    try:
+        when = datetime.strptime(line[:24], "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        return 0.0
+    return when.replace(tzinfo=UTC).timestamp()
+
+
+def _attach_faults(
+    violations: dict[str, list[dict[str, Any]]], done: list[faults.Injected]
+) -> None:
+    """Name the faults around each example's moment (from a second before a fault began
+    to a lease after it ended): what the violation most likely followed."""
+    for examples in violations.values():
+        for ex in examples:
+            t = ex.get("t", ex.get("handler_finished_at", ex.get("at")))
+            if not isinstance(t, int | float):
+                continue
+            around = [f for f in done if f.start - 1.0 <= t <= f.end + LEASE_S]
+            # The fault in progress first, then the most recently ended.
+            around.sort(key=lambda f: 0.0 if t <= f.end else t - f.end)
+            near = [f"{f.kind} {f.target} {f.start:.1f}-{f.end:.1f}s" for f in around]
+            if near:
+                ex["near_faults"] = near
+
+
+def _near(example: dict[str, Any]) -> str:
+    """The kind of the first fault near an example ("none" if there was none)."""
+    near = example.get("near_faults") or ["none"]
+    return near[0].split(" ", 1)[0]
 
 
 def _exception_lines(lines: list[str], start: int) -> list[str]:
@@ -302,7 +354,8 @@ def format_report(r: dict[str, Any]) -> str:
     v = r["violations"]
     lines.append(f"violations: {v['total']}")
     for kind, count in v["by_kind"].items():
-        lines.append(f"  {kind}: {count}")
+        near = ", ".join(f"{k} {n}" for k, n in v["by_near_fault"][kind].items())
+        lines.append(f"  {kind}: {count} (near faults: {near})")
         for ex in v["examples"][kind][:3]:
             quoted = ex.pop("log", [])
             lines.append(f"    e.g. {ex}")

@@ -3,9 +3,10 @@
 Every JobService call goes through `Api.call`, which records the status of each
 try (`CallLog`): INTERNAL and UNKNOWN are violations; UNAVAILABLE and
 DEADLINE_EXCEEDED are expected while a replica or Postgres is down and are
-retried with backoff on the other replica — for idempotent calls only (Get,
-List, Cancel, and Submit / SubmitBatch whose jobs carry a request_id). A Submit
-without a request_id is tried once, as a careful client would.
+retried with backoff on the other replica. After UNAVAILABLE (nothing was done)
+every call is retried; after DEADLINE_EXCEEDED, INTERNAL or UNKNOWN only the
+idempotent ones (Get, List, Cancel, and Submit / SubmitBatch whose jobs carry a
+request_id): a Submit without one is then given up, as a careful client would.
 """
 
 from __future__ import annotations
@@ -130,8 +131,13 @@ class Api:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 self.calls.record(method, code, exc.details() or "", what, md[-1][1])
-                retry = code in RETRYABLE or code in BAD
-                if not (idempotent and retry):
+                # UNAVAILABLE means the call was not carried out: any call may be tried
+                # again. After anything else only an idempotent one may (a timeout or
+                # an INTERNAL may hide a committed Submit).
+                retry = code == grpc.StatusCode.UNAVAILABLE or (
+                    idempotent and (code in RETRYABLE or code in BAD)
+                )
+                if not retry:
                     return None
                 if time.monotonic() - start > GIVE_UP_S:
                     self.calls.gave_up.append(
