@@ -24,16 +24,27 @@ def build_parser() -> argparse.ArgumentParser:
     d = ChaosConfig()
     p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=d.jobs, help=f"jobs to submit (default {d.jobs})")
-    p.add_argument("--workers", type=int, default=d.workers, help="worker processes")
-    p.add_argument("--slots", type=int, default=d.slots, help="slots per worker")
-    p.add_argument("--replicas", type=int, default=d.replicas, help="control replicas")
+    p.add_argument(
+        "--workers", type=int, default=d.workers, help=f"worker processes (default {d.workers})"
+    )
+    p.add_argument(
+        "--slots", type=int, default=d.slots, help=f"slots per worker (default {d.slots})"
+    )
+    p.add_argument(
+        "--replicas", type=int, default=d.replicas, help=f"control replicas (default {d.replicas})"
+    )
     p.add_argument(
         "--duration-s",
         type=float,
         default=d.duration_s,
-        help="seconds of traffic and faults (jobs are spread over 80%% of it)",
+        help=f"seconds of traffic and faults (default {d.duration_s:g})",
     )
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the job mix and fault plan")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help=f"seed of the job mix and fault plan (default {d.seed})",
+    )
     p.add_argument(
         "--watch-fraction",
         type=float,
