@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from bench.chaos import faults
 from bench.chaos.checks import Checker, Evidence
 from bench.chaos.traffic import CallLog, Clock, Observer, PlannedJob, Watch, terminal_snapshot
 from spool.v1 import job_pb2
@@ -206,3 +207,15 @@ def test_internal_and_unknown_are_violations_unavailable_is_not() -> None:
     found = check(calls=calls)
     assert kinds(found) == {"internal_status", "unexpected_status"}
     assert len(found.violations["internal_status"]) == 2
+
+
+def test_the_fault_plan_is_seeded_has_every_kind_and_is_bounded() -> None:
+    def plan(seed: int, window_s: float = 10.0, **kw: Any) -> list[Any]:
+        args = {"workers": 4, "replicas": 2, "pg_restarts": True, "max_faults": 50, **kw}
+        return faults.plan_faults(random.Random(seed), window_s, **args)
+
+    assert plan(3) == plan(3) and plan(3) != plan(4)
+    for seed in range(20):  # even a window too short for all of them gets each kind once
+        assert {f.kind for f in plan(seed, 5.0)} == set(faults.KINDS)
+    assert "pg_restart" not in {f.kind for f in plan(1, 60.0, pg_restarts=False)}
+    assert len(plan(1, 600.0, max_faults=9)) == 9
