@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 PROTOS := $(wildcard protos/spool/v1/*.proto)
 
-.PHONY: help bootstrap run control worker test test-all fuzz proto proto-check lint format bench demo clean
+.PHONY: help bootstrap run control worker test test-all fuzz proto proto-check lint format bench chaos demo clean
 
 help:
 	@echo "make run      start embedded Postgres + control plane + one worker"
@@ -17,6 +17,7 @@ help:
 	@echo "make proto    regenerate Python stubs from protos/"
 	@echo "make lint     ruff + buf lint + stale-stub check"
 	@echo "make bench    write benchmark figures to bench/report.md"
+	@echo "make chaos    kill/stop workers and replicas, restart Postgres under load; check invariants"
 	@echo "make demo     a 5-minute tour: remove an overlay from a clip"
 
 bootstrap: $(STAMP)
@@ -70,6 +71,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Faults under load, then every invariant checked (docs/control-plane.md, "Chaos run").
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m bench.demo
