@@ -29,9 +29,10 @@ every rejected candidate with its reason, for report.json.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 from worker.media import io as vio
 from worker.media.detect import Detection, DetectPass, Spot, find_spots, gradients, overlap
 from worker.media.locate import ncc_map
-from worker.media.matte import border_mask, fit_opacity, shape_from_frames
-from worker.media.restore import invert_blend
+from worker.media.matte import border_mask, downsample_alpha, fit_opacity, shape_from_frames
+from worker.media.restore import RestoreOptions, fill_crops, invert_blend
 
 if TYPE_CHECKING:
     from worker.media.overlay import OverlayRemover, Placement, Region
@@ -56,12 +57,19 @@ MAX_OPACITY = 0.9
 MIN_OPACITY = 0.08
 #: the blend model must explain this share of the on/off difference (still camera)
 MIN_EXPLAINED = 0.75
+#: with a panning camera, inverting a mark must cut the motion-compensated
+#: frame difference on it by at least this share
+MIN_MOTION_GAIN = 0.15
+#: the template is looked for again this many pixels around it (`_pool_shape`)
+GROW = 10
 #: two candidates are one mark when their shapes correlate this well
 SAME_MARK_NCC = 0.6
 #: per frame: the mark is present when inverting leaves at most this share of the
 #: edge energy under it (entering) / keeps it present below the second (staying)
 ENTER_RATIO = 0.92
 STAY_RATIO = 1.0
+#: report.json's mark mask: the pixels where the mark's shape exceeds this
+MASK_LEVEL = 0.1
 
 
 def _even_floor(v: int) -> int:
@@ -83,6 +91,7 @@ class _SpotData:
     w: int
     on_frames: set[int]
     off_frames: set[int]
+    on_idx: list[int] = field(default_factory=list)
     on_y: list[np.ndarray] = field(default_factory=list)
     on_uv: list[np.ndarray] = field(default_factory=list)
     off_y: list[np.ndarray] = field(default_factory=list)
@@ -104,6 +113,8 @@ class AutoMark:
     #: per spot: present in the previous frame (hysteresis) and its runs so far
     state: list[bool] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    #: the template's (height, width)
+    size: tuple[int, int] = (0, 0)
 
 
 class AutoPlanner:
@@ -156,6 +167,8 @@ class AutoPlanner:
                             for v in views[1:]
                         ]
                     )
+                    if on:
+                        d.on_idx.append(count[0])
                     (d.on_y if on else d.off_y).append(y)
                     (d.on_uv if on else d.off_uv).append(uv)
                 count[0] += 1
@@ -163,8 +176,7 @@ class AutoPlanner:
 
         r._run("analyse", analyse)
         accepted = [d for d in data if self._explain(d, det.moving)]
-        self._build_marks(accepted, still=not det.moving)
-        self._second_chance([d for d in data if d not in accepted])
+        self._build_marks(data, accepted, still=not det.moving)
 
     def _spot_data(self, s: Spot, det: Detection) -> _SpotData:
         fh, fw = self.r.info.height, self.r.info.width
@@ -183,8 +195,15 @@ class AutoPlanner:
 
     # -- the blend model ----------------------------------------------------------
     def _reject(self, d: _SpotData, reason: str, **extra: Any) -> bool:
+        self.rejected = [r for r in self.rejected if r.get("_id") != id(d)]
         self.rejected.append(
-            {**d.spot.box(), "windows": len(d.spot.windows), "reason": reason, **extra}
+            {
+                **d.spot.box(),
+                "windows": len(d.spot.windows),
+                "reason": reason,
+                **extra,
+                "_id": id(d),
+            }
         )
         return False
 
@@ -200,6 +219,7 @@ class AutoPlanner:
         idx = [i for i, k in enumerate(keep.tolist()) if k]
         if on:
             d.on_y, d.on_uv = [d.on_y[i] for i in idx], [d.on_uv[i] for i in idx]
+            d.on_idx = [d.on_idx[i] for i in idx]
         else:
             d.off_y, d.off_uv = [d.off_y[i] for i in idx], [d.off_uv[i] for i in idx]
 
@@ -230,18 +250,8 @@ class AutoPlanner:
         strong = mag >= torch.quantile(mag, 0.97)
         if float(mag[strong].mean()) < 6:
             return self._reject(d, "no consistent change between frames with and without it")
-        # Alternate: the per-pixel alpha given W, and W given the alphas.
-        sign = 1.0 if float(diff[0][strong].mean()) > 0 else -1.0
-        w = (i_off[:, strong] + diff[:, strong] / 0.5).mean(1).clamp(0, 255)
-        if sign < 0:
-            w[0] = min(float(w[0]), 40.0)
-        for _ in range(20):
-            wi = w.view(3, 1, 1) - i_off
-            a = ((diff * wi).sum(0) / (wi * wi).sum(0).clamp_min(1.0)).clamp(0, 0.98)
-            num = (a[None] * (diff + a[None] * i_off)).sum((1, 2))
-            w = (num / (a * a).sum().clamp_min(1e-6)).clamp(0, 255)
+        a, w = blend_fit([(j, i_off)])
         wi = w.view(3, 1, 1) - i_off
-        a = ((diff * wi).sum(0) / (wi * wi).sum(0).clamp_min(1.0)).clamp(0, 0.98)
         resid = diff - a[None] * wi
         on_mark = a > 0.05
         explained = 1 - float(
@@ -292,6 +302,56 @@ class AutoPlanner:
         shape = shape_from_frames(y.median(0).values[None], ring=3)
         if int((shape > 0.2).sum()) < 12:
             return self._reject(d, "no static shape under the moving scene")
+        assert self.det is not None
+        pairs = _consecutive(d.on_idx, self.det.shifts)
+        if len(pairs) >= 3 and float(np.median([math.hypot(*s) for _, _, s in pairs])) > 0.5:
+            return self._explain_camera_motion(d, shape, pairs)
+        return self._explain_spread(d, y, shape)
+
+    def _explain_camera_motion(
+        self, d: _SpotData, shape: torch.Tensor, pairs: list[tuple[int, int, tuple[float, float]]]
+    ) -> bool:
+        """The blend test against the scene's own motion (a camera that pans).
+
+        The scene moves by the global shift from frame to frame; a mark does
+        not. Under a blend, inverting it with the fitted matte must leave
+        pixels that move with the scene: the motion-compensated difference
+        between consecutive frames, on and around the mark, must drop. Static
+        scene content (opaque, or an edge that merely slid along itself)
+        inverted as if it were a mark does the opposite.
+        """
+        fitted = _refine_moving(d.on_y, d.on_uv, shape, self.r.options)
+        if fitted is None:
+            return self._reject(d, "no static shape under the moving scene")
+        alpha, colour = fitted
+        on_mark = alpha > 0.02
+        opacity = float(torch.quantile(alpha[on_mark], 0.99)) if bool(on_mark.any()) else 0.0
+        if opacity >= MAX_OPACITY:
+            return self._reject(d, "opaque: content, not a blended mark", opacity=round(opacity, 3))
+        if opacity < MIN_OPACITY:
+            return self._reject(d, "too faint to be a mark", opacity=round(opacity, 3))
+        y = torch.from_numpy(np.stack(d.on_y)).float()
+        inv = invert_blend(y[:, None], alpha, colour[:1])[:, 0]
+        support = F.max_pool2d(on_mark.float()[None, None], 5, 1, 2)[0, 0] > 0
+        before = _compensated_residual(y, pairs, support)
+        after = _compensated_residual(inv, pairs, support)
+        gain = 1 - after / max(before, 1e-6)
+        d.score = round(gain, 3)
+        if gain < MIN_MOTION_GAIN:
+            return self._reject(
+                d,
+                "inverting it does not make the region move with the scene",
+                motion_gain=round(gain, 3),
+                opacity=round(opacity, 3),
+            )
+        # The template stays the temporal median's shape: the per-pixel fit on
+        # one spot's few frames is noisier; the mark's matte is fitted again on
+        # the crops of all its spots (`_make_mark`).
+        d.shape, d.opacity = shape, opacity
+        return True
+
+    def _explain_spread(self, d: _SpotData, y: torch.Tensor, shape: torch.Tensor) -> bool:
+        """The blend test without a global motion: the spread shrinks by (1 - a) under it."""
         opacity = fit_opacity(y, shape) if y.shape[0] >= 3 else 0.0
         # The spread must really shrink under the shape: compare the fitted model
         # against no mark at all on the pixels of the shape.
@@ -316,159 +376,214 @@ class AutoPlanner:
         return True
 
     # -- marks ------------------------------------------------------------------------
-    def _build_marks(self, accepted: list[_SpotData], *, still: bool) -> None:
+    def _build_marks(
+        self, data: list[_SpotData], accepted: list[_SpotData], *, still: bool
+    ) -> None:
+        """Seed a mark from each confident spot; claim the spots that show its template."""
+        claimed: set[int] = set()
+        seeds = sorted(
+            accepted,
+            key=lambda d: (-len(d.on_y), -int((d.shape > 0.2).sum()) if d.shape is not None else 0),
+        )
+        # Larger shapes first among equals: a letter caught alone never seeds a mark.
+        seeds.sort(key=lambda d: -int((d.shape > 0.2).sum()) if d.shape is not None else 0)
+        for seed in seeds:
+            if id(seed) in claimed:
+                continue
+            tmpl, pos = self._template_of(seed)
+            if tmpl is None:
+                continue
+            th, tw = tmpl.shape
+            if any(
+                overlap((pos[1], pos[0], tw, th), (x, y, m.size[1], m.size[0])) > 0.5
+                for m in self.marks
+                for y, x in m.spots
+            ):
+                claimed.add(id(seed))
+                self._reject(seed, "part of a larger mark found there")
+                continue
+            claimed.add(id(seed))
+            spots, members = [pos], [seed]
+            for d in data:
+                if id(d) in claimed:
+                    continue
+                found = self._find_in(d, tmpl)
+                if found is None:
+                    continue
+                claimed.add(id(d))
+                if all(abs(found[0] - y) + abs(found[1] - x) > 4 for y, x in spots):
+                    spots.append(found)
+                    members.append(d)
+                self.rejected = [r for r in self.rejected if r.get("_id") != id(d)]
+            if not still:
+                tmpl, spots = self._pool_shape(tmpl, spots, members)
+            self._make_mark(tmpl, spots, members, still=still)
+        for r in self.rejected:
+            r.pop("_id", None)
+
+    def _pool_shape(
+        self, tmpl: torch.Tensor, spots: list[tuple[int, int]], members: list[_SpotData]
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The template again from the median of all its spots' frames, a little wider.
+
+        One spot's median keeps some of its background and its detection box
+        may have cut part of the mark (a faint glyph beside the word); over
+        all spots the backgrounds differ and the mark is what stays. Parts of
+        the new shape connected to the old one are kept.
+        """
+        th, tw = tmpl.shape
+        g = GROW
+        windows = []
+        for (sy, sx), d in zip(spots, members, strict=True):
+            cy, cx = sy - g - d.y0, sx - g - d.x0
+            if cy < 0 or cx < 0 or cy + th + 2 * g > d.h or cx + tw + 2 * g > d.w:
+                continue
+            ys = torch.from_numpy(np.stack(d.on_y)[:, cy : cy + th + 2 * g, cx : cx + tw + 2 * g])
+            canvas = torch.zeros(th + 2 * g, tw + 2 * g)
+            canvas[g : g + th, g : g + tw] = tmpl
+            windows.append(ys[_shows(ys, canvas)].float())
+        if not windows or sum(len(w) for w in windows) < 8:
+            return tmpl, spots
+        pooled = torch.cat(windows).median(0).values
+        new = shape_from_frames(pooled[None, None], ring=3)
+        old = torch.zeros_like(new, dtype=torch.bool)
+        old[g : g + th, g : g + tw] = tmpl > 0.15
+        grown = F.max_pool2d((new > 0.15).float()[None, None], 5, 1, 2)[0, 0].numpy() > 0
+        _, labels = cv2.connectedComponents(grown.astype(np.uint8))
+        touching = set(np.unique(labels[old.numpy() & grown]).tolist()) - {0}
+        if not touching:
+            return tmpl, spots
+        keep = torch.from_numpy(np.isin(labels, list(touching)))
+        new = torch.where(keep, new, torch.zeros_like(new))
+        ys_, xs_ = torch.nonzero(new > 0.02, as_tuple=True)
+        ty0, tx0 = int(ys_.min()), int(xs_.min())
+        out = new[ty0 : int(ys_.max()) + 1, tx0 : int(xs_.max()) + 1].contiguous()
+        return out, [(sy - g + ty0, sx - g + tx0) for sy, sx in spots]
+
+    def _template_of(self, d: _SpotData) -> tuple[torch.Tensor | None, tuple[int, int]]:
+        """The spot's shape cleaned and trimmed to the mark, and its top-left in the frame."""
+        assert d.shape is not None
+        # Its clear strokes grown by 2 px (speckle of the noise floor farther out
+        # is dropped), within the box where the detector saw structure.
+        core = F.max_pool2d((d.shape > 0.15).float()[None, None], 5, 1, 2)[0, 0] > 0
+        inside = torch.zeros_like(core)
+        by0, bx0 = max(d.spot.y - d.y0 - 4, 0), max(d.spot.x - d.x0 - 4, 0)
+        inside[by0 : d.spot.y - d.y0 + d.spot.h + 4, bx0 : d.spot.x - d.x0 + d.spot.w + 4] = True
+        core &= inside
+        if not bool((d.shape[core] > 0.15).any()):
+            self._reject(d, "no shape inside the detected box")
+            return None, (0, 0)
+        shape = torch.where(core, d.shape, torch.zeros_like(d.shape))
+        ys, xs = torch.nonzero(shape > 0.02, as_tuple=True)
+        ty0, tx0 = int(ys.min()), int(xs.min())
+        tmpl = shape[ty0 : int(ys.max()) + 1, tx0 : int(xs.max()) + 1].contiguous()
+        return tmpl, (d.y0 + ty0, d.x0 + tx0)
+
+    def _find_in(self, d: _SpotData, tmpl: torch.Tensor) -> tuple[int, int] | None:
+        """Where `tmpl` shows in the spot's frames (high-passed NCC >= 0.6), if it does."""
+        th, tw = tmpl.shape
+        if not d.on_y or d.h < th or d.w < tw:
+            return None
+        crops = _highpass(torch.from_numpy(np.stack(d.on_y)).float())
+        scores = ncc_map(crops, _highpass(tmpl[None].float())[0])
+        best = scores.flatten(1).max(1)
+        good = best.values >= SAME_MARK_NCC
+        if int(good.sum()) < 2:
+            return None
+        # the position most of the frames that show it agree on
+        oy, ox = divmod(int(torch.mode(best.indices[good]).values), scores.shape[2])
+        return d.y0 + oy, d.x0 + ox
+
+    def _make_mark(
+        self,
+        tmpl: torch.Tensor,
+        spots: list[tuple[int, int]],
+        members: list[_SpotData],
+        *,
+        still: bool,
+    ) -> None:
         from worker.media.overlay import MARGIN, Region
 
         r = self.r
         fh, fw = r.info.height, r.info.width
-        # Trim each shape to its support: the template and where it sits in the frame.
-        items = []
-        for d in accepted:
-            assert d.shape is not None
-            # The mark's bounding box: its clear strokes grown by 2 px (speckle
-            # of the noise floor farther out is dropped with it).
-            core = F.max_pool2d((d.shape > 0.15).float()[None, None], 5, 1, 2)[0, 0] > 0
-            # ... and within the box where the detector saw structure (plus a little)
-            inside = torch.zeros_like(core)
-            by0, bx0 = max(d.spot.y - d.y0 - 4, 0), max(d.spot.x - d.x0 - 4, 0)
-            inside[by0 : d.spot.y - d.y0 + d.spot.h + 4, bx0 : d.spot.x - d.x0 + d.spot.w + 4] = (
-                True
-            )
-            core &= inside
-            if not bool((d.shape[core] > 0.15).any()):
-                self._reject(d, "no shape inside the detected box")
+        th, tw = tmpl.shape
+        h = min(_even_floor(th + 2 * MARGIN + 1) + 2, _even_floor(fh))
+        w = min(_even_floor(tw + 2 * MARGIN + 1) + 2, _even_floor(fw))
+        ri = len(r.regions)
+        # Aligned crops of every spot (frames that show it), grouped by the mark's
+        # offset in the crop (chroma is aligned on even pixels).
+        groups: dict[tuple[int, int], list[tuple[int, np.ndarray, np.ndarray, bool]]] = {}
+        for si, ((sy, sx), d) in enumerate(zip(spots, members, strict=True)):
+            pl = r._template_placement(sy, sx, h, w, ri)
+            cy, cx = pl.y0 - d.y0, pl.x0 - d.x0
+            if cy < 0 or cx < 0 or cy + h > d.h or cx + w > d.w:
                 continue
-            d.shape = torch.where(core, d.shape, torch.zeros_like(d.shape))
-            ys, xs = torch.nonzero(d.shape > 0.02, as_tuple=True)
-            ty0, tx0 = int(ys.min()), int(xs.min())
-            ty1, tx1 = int(ys.max()) + 1, int(xs.max()) + 1
-            tmpl = d.shape[ty0:ty1, tx0:tx1].contiguous()
-            items.append((d, tmpl, d.y0 + ty0, d.x0 + tx0))
-        groups: list[list[int]] = []
-        for i, (_, tmpl, _, _) in enumerate(items):
-            for g in groups:
-                if _same_shape(items[g[0]][1], tmpl):
-                    g.append(i)
-                    break
-            else:
-                groups.append([i])
-        # Largest marks first: a part of a mark (a letter its box caught alone) is dropped.
-        groups.sort(key=lambda g: -max(int((items[i][1] > 0.2).sum()) for i in g))
-        taken: list[tuple[int, int, int, int]] = []
-        for g in groups:
-            # The template: the spot seen in most frames; the others placed by NCC on their shape.
-            g.sort(key=lambda i: (-len(items[i][0].on_y), -int((items[i][1] > 0.2).sum())))
-            d0, tmpl, y0, x0 = items[g[0]]
-            box = (x0, y0, tmpl.shape[1], tmpl.shape[0])
-            if any(overlap(box, t) > 0.5 for t in taken):
-                for i in g:
-                    self._reject(items[i][0], "part of a larger mark found there")
-                continue
-            th, tw = tmpl.shape
-            spots: list[tuple[int, int]] = [(y0, x0)]
-            members = [d0]
-            for i in g[1:]:
-                d, _, _, _ = items[i]
-                assert d.shape is not None
-                if d.shape.shape[0] < th or d.shape.shape[1] < tw:
+            canvas = torch.zeros(h, w)
+            oy, ox = pl.offset
+            canvas[oy : oy + th, ox : ox + tw] = tmpl[: h - oy, : w - ox]
+            for frames_y, frames_uv, on in ((d.on_y, d.on_uv, True), (d.off_y, d.off_uv, False)):
+                if not frames_y:
                     continue
-                m = ncc_map(d.shape[None].float(), tmpl.float())[0]
-                oy, ox = divmod(int(m.argmax()), m.shape[1])
-                pos = (d.y0 + oy, d.x0 + ox)
-                if pos not in spots:
-                    spots.append(pos)
-                    members.append(d)
-            h = min(_even_floor(th + 2 * MARGIN + 1) + 2, _even_floor(fh))
-            w = min(_even_floor(tw + 2 * MARGIN + 1) + 2, _even_floor(fw))
-            ri = len(r.regions)
-            region = Region(h=h, w=w, shape=tmpl, template=True)
-            # Aligned crops of every spot, grouped by the mark's offset in the crop.
-            ys_by: dict[tuple[int, int], list[np.ndarray]] = {}
-            uvs_by: dict[tuple[int, int], list[np.ndarray]] = {}
-            for (sy, sx), d in zip(spots, members, strict=True):
-                pl = r._template_placement(sy, sx, h, w, ri)
-                cy, cx = pl.y0 - d.y0, pl.x0 - d.x0
-                if cy < 0 or cx < 0 or cy + h > d.h or cx + w > d.w:
-                    continue
-                for yc, uvc in zip(d.on_y, d.on_uv, strict=True):
-                    ys_by.setdefault(pl.offset, []).append(yc[cy : cy + h, cx : cx + w])
-                    uvs_by.setdefault(pl.offset, []).append(
-                        uvc[:, cy // 2 : (cy + h) // 2, cx // 2 : (cx + w) // 2]
-                    )
-            if not ys_by:
-                for d in members:
-                    self._reject(d, "too close to the frame's edge to analyse")
-                continue
-            offset = max(ys_by, key=lambda k: len(ys_by[k]))
-            oy, ox = offset
-            canvas = torch.zeros(h, w, device=r.device)
-            canvas[oy : oy + th, ox : ox + tw] = tmpl[: h - oy, : w - ox].to(r.device)
-            region.template = False
-            region.shape = canvas
-            opacity = float(np.mean([d.opacity for d in members])) if still else None
-            colour = None
-            if still:
-                cols = np.array([d.colour for d in members if d.colour is not None])
-                colour = tuple(float(c) for c in cols.mean(0)) if len(cols) else None
-            r._estimate(
-                region, ys_by[offset], uvs_by[offset], template=True, opacity=opacity, colour=colour
-            )
-            assert region.shape is not None
-            region.shape = region.shape[oy : oy + th, ox : ox + tw].contiguous()
-            region.template = True
-            region._alphas.clear()
-            region._plans.clear()
-            if not (MIN_OPACITY <= region.opacity < MAX_OPACITY):
-                for d in members:
-                    self._reject(
-                        d, "the joint matte is not a blend", opacity=round(region.opacity, 3)
-                    )
-                continue
-            r.regions.append(region)
-            taken.extend((sx, sy, tw, th) for sy, sx in spots)
-            self.marks.append(AutoMark(ri, spots, still, [False] * len(spots)))
+                ys = np.stack([yc[cy : cy + h, cx : cx + w] for yc in frames_y])
+                uvs = np.stack(
+                    [uvc[:, cy // 2 : (cy + h) // 2, cx // 2 : (cx + w) // 2] for uvc in frames_uv]
+                )
+                shows = _shows(torch.from_numpy(ys), canvas).numpy()
+                for k in range(len(ys)):
+                    if bool(shows[k]) == on:
+                        groups.setdefault(pl.offset, []).append((si, ys[k], uvs[k], on))
+        if not groups:
             for d in members:
-                r.detected.append({**d.spot.box(), "score": d.score})
-
-    def _second_chance(self, others: list[_SpotData]) -> None:
-        """Look for each found mark's template in the candidates that failed on their own.
-
-        A spot visited briefly, or over a flat or busy background, may not give
-        a shape of its own; the template from the mark's confident spots does.
-        """
-        for m in self.marks:
-            region = self.r.regions[m.region]
-            assert region.shape is not None
-            tmpl = _highpass(region.shape[None].float())[0]
-            th, tw = tmpl.shape
-            for d in others:
-                if not d.on_y or d.h < th or d.w < tw:
-                    continue
-                crops = _highpass(torch.from_numpy(np.stack(d.on_y)).float())
-                scores = ncc_map(crops, tmpl)  # (K, h - th + 1, w - tw + 1)
-                best = scores.flatten(1).max(1)
-                if float(best.values.max()) < 0.6:
-                    continue
-                # the position where most frames agree, among those that show it well
-                good = best.values >= 0.6
-                pos = torch.mode(best.indices[good]).values
-                oy, ox = divmod(int(pos), scores.shape[2])
-                spot = (d.y0 + oy, d.x0 + ox)
-                if all(abs(spot[0] - y) + abs(spot[1] - x) > 4 for y, x in m.spots):
-                    m.spots.append(spot)
-                    m.state.append(False)
-                    self.rejected = [
-                        r for r in self.rejected if (r.get("x"), r.get("y")) != (d.spot.x, d.spot.y)
-                    ]
-                    self.r.detected.append(
-                        {
-                            "x": spot[1],
-                            "y": spot[0],
-                            "w": tw,
-                            "h": th,
-                            "score": round(float(best.values.max()), 3),
-                        }
-                    )
+                self._reject(d, "too close to the frame's edge to analyse")
+            return
+        offset = max(groups, key=lambda k: sum(g[3] for g in groups[k]))
+        items = groups[offset]
+        oy, ox = offset
+        canvas = torch.zeros(h, w)
+        canvas[oy : oy + th, ox : ox + tw] = tmpl[: h - oy, : w - ox]
+        on_y = [y for _, y, _, on in items if on]
+        on_uv = [uv for _, _, uv, on in items if on]
+        if len(on_y) < 3:
+            for d in members:
+                self._reject(d, "seen in too few frames to analyse")
+            return
+        if still:
+            fitted = _refine_still(items, len(spots))
+        else:
+            fitted = _refine_moving(on_y, on_uv, canvas, r.options)
+        if fitted is None:
+            for d in members:
+                self._reject(d, "the joint matte is not a blend")
+            return
+        alpha, colour = fitted
+        opacity = (
+            float(torch.quantile(alpha[alpha > 0.02], 0.99)) if bool((alpha > 0.02).any()) else 0.0
+        )
+        if not (MIN_OPACITY <= opacity < MAX_OPACITY):
+            for d in members:
+                self._reject(d, "the joint matte is not a blend", opacity=round(opacity, 3))
+            return
+        shape = (alpha / opacity).clamp(0, 1)
+        region = Region(h=h, w=w, shape=shape.to(r.device), template=False)
+        r._estimate(
+            region,
+            on_y,
+            on_uv,
+            template=True,
+            opacity=opacity,
+            colour=tuple(float(c) for c in colour),  # type: ignore[arg-type]
+        )
+        assert region.shape is not None
+        region.shape = region.shape[oy : oy + th, ox : ox + tw].contiguous()
+        region.template = True
+        region._alphas.clear()
+        region._plans.clear()
+        r.regions.append(region)
+        mark = AutoMark(ri, spots, still, [False] * len(spots))
+        mark.size = (th, tw)
+        self.marks.append(mark)
+        for (sy, sx), d in zip(spots, members, strict=True):
+            r.detected.append({"x": sx, "y": sy, "w": tw, "h": th, "score": d.score})
 
     # -- restore: per frame, where is each mark ------------------------------------
     def placements(self, frames: list, first_index: int) -> list[list[Placement]]:
@@ -537,6 +652,7 @@ class AutoPlanner:
                     "region": m.region,
                     "spots": [{"y": y, "x": x} for y, x in m.spots],
                     "runs": [{k: v for k, v in run.items() if k != "spot"} for run in m.runs],
+                    "mask": _mask_rle(self.r.regions[m.region].shape),
                     "frames_with_mark": sum(
                         run["end_frame"] - run["start_frame"] + 1 for run in m.runs
                     ),
@@ -545,6 +661,136 @@ class AutoPlanner:
             ],
             "rejected": self.rejected,
         }
+
+
+def blend_fit(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One matte `a` (h, w) and colour `W` (3,) explaining `J - I = a (W - I)` for every pair.
+
+    Each pair is (J, I) (3, h, w): the same mark over a known background (a
+    still camera's frames with and without it, at one or several spots).
+    Alternates the per-pixel least squares for `a` given `W` and for `W`
+    given `a`; three planes and one unknown per pixel make `W` determined.
+    """
+    diffs = [j - i for j, i in pairs]
+    mag = torch.stack([d.norm(dim=0) for d in diffs]).mean(0)
+    strong = mag >= torch.quantile(mag, 0.97)
+    sign = 1.0 if float(torch.stack([d[0][strong].mean() for d in diffs]).mean()) > 0 else -1.0
+    w = torch.stack(
+        [
+            (i[:, strong] + d[:, strong] / 0.5).mean(1)
+            for (_, i), d in zip(pairs, diffs, strict=True)
+        ]
+    ).mean(0)
+    w = w.clamp(0, 255)
+    if sign < 0:
+        w[0] = min(float(w[0]), 40.0)
+    a = torch.zeros_like(mag)
+    for _ in range(20):
+        num = torch.zeros_like(mag)
+        den = torch.zeros_like(mag)
+        for (_, i), d in zip(pairs, diffs, strict=True):
+            wi = w.view(3, 1, 1) - i
+            num += (d * wi).sum(0)
+            den += (wi * wi).sum(0)
+        a = (num / den.clamp_min(1.0)).clamp(0, 0.98)
+        top = torch.zeros(3)
+        for (_, i), d in zip(pairs, diffs, strict=True):
+            top += (a[None] * (d + a[None] * i)).sum((1, 2))
+        w = (top / (len(pairs) * (a * a).sum()).clamp_min(1e-6)).clamp(0, 255)
+    return a, w
+
+
+def _refine_still(items: list, n_spots: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Joint matte over all spots from their aligned on / off crops (still camera)."""
+    pairs = []
+    for si in range(n_spots):
+        on = [(y, uv) for s, y, uv, o in items if s == si and o]
+        off = [(y, uv) for s, y, uv, o in items if s == si and not o]
+        if not on or not off:
+            continue
+
+        def median(frames: list) -> torch.Tensor:
+            y = np.stack([f[0] for f in frames])[:, None]
+            uv = _upsample_uv(np.stack([f[1] for f in frames]))
+            return torch.from_numpy(np.concatenate([y, uv], 1)).float().median(0).values
+
+        pairs.append((median(on), median(off)))
+    if not pairs:
+        return None
+    a, w = blend_fit(pairs)
+    ring = border_mask(a.shape[0], a.shape[1], 3, a.device)
+    noise = float(a[ring].std())
+    a = torch.where(a > max(3 * noise, 0.02), a, torch.zeros_like(a))
+    return a, w
+
+
+def _refine_moving(
+    on_y: list[np.ndarray], on_uv: list[np.ndarray], shape: torch.Tensor, opts: RestoreOptions
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-pixel matte and colour from many frames of a moving scene under the mark.
+
+    The background under the mark is predicted in every frame by a harmonic
+    fill of the mark's pixels from the ring around them; then per pixel
+    `J_t - F_t = a (W - F_t)` is solved by least squares over the frames
+    (the fill's errors follow the moving texture and average out), and `W`
+    given `a`, alternately.
+    """
+    y = torch.from_numpy(np.stack(on_y)).float()[:, None]
+    uv = torch.from_numpy(np.stack(on_uv)).float()
+    mask_t = F.max_pool2d((shape > 0.02).float()[None, None], 3, 1, 1)[0, 0] > 0
+    mask = mask_t.to(torch.uint8).numpy() * 255
+    fill_opts = replace(opts, inpaint_algo="harmonic")
+    f_y = fill_crops(y, mask, fill_opts)
+    mask_uv = (F.max_pool2d(mask_t.float()[None, None], 2)[0, 0] > 0).to(torch.uint8).numpy() * 255
+    f_uv = fill_crops(uv, mask_uv, fill_opts)
+    o = fit_opacity(y, shape)
+    a = (shape * max(o, 0.2)).clamp(0, 0.98)
+    w = torch.tensor(255.0 if float((y - f_y)[:, 0][:, mask_t].mean()) > 0 else 0.0)
+    for _ in range(10):
+        w = ((a * (y - (1 - a) * f_y)).sum() / (y.shape[0] * (a * a).sum()).clamp_min(1e-6)).clamp(
+            0, 255
+        )
+        d, e = y - f_y, w - f_y
+        a = ((d * e).sum((0, 1)) / (e * e).sum((0, 1)).clamp_min(1e-3)).clamp(0, 0.98)
+        a = torch.where(mask_t, a, torch.zeros_like(a))
+    a_uv = downsample_alpha(a, 2)[None, None]
+    w_uv = (a_uv * (uv - (1 - a_uv) * f_uv)).sum((0, 2, 3)) / (
+        uv.shape[0] * (a_uv * a_uv).sum()
+    ).clamp_min(1e-6)
+    if not bool((a > 0.02).any()):
+        return None
+    return a, torch.cat([w.view(1), w_uv.clamp(0, 255)])
+
+
+def _consecutive(
+    idx: list[int], shifts: dict[int, tuple[float, float]]
+) -> list[tuple[int, int, tuple[float, float]]]:
+    """(k - 1, k, shift) for crops k whose frame directly follows crop k - 1's."""
+    return [
+        (k - 1, k, shifts[idx[k]])
+        for k in range(1, len(idx))
+        if idx[k] == idx[k - 1] + 1 and idx[k] in shifts
+    ]
+
+
+def _compensated_residual(
+    y: torch.Tensor, pairs: list[tuple[int, int, tuple[float, float]]], support: torch.Tensor
+) -> float:
+    """Mean |y_k - y_{k-1} shifted by the scene's motion| over `support`, away from the edges."""
+    h, w = y.shape[1:]
+    total, count = 0.0, 0
+    for a, b, (dy, dx) in pairs:
+        m = np.float32([[1, 0, dx], [0, 1, dy]])
+        prev = cv2.warpAffine(y[a].numpy(), m, (w, h), flags=cv2.INTER_LINEAR)
+        inner = support.clone()
+        my, mx = math.ceil(abs(dy)) + 1, math.ceil(abs(dx)) + 1
+        inner[:my], inner[h - my :], inner[:, :mx], inner[:, w - mx :] = False, False, False, False
+        if not bool(inner.any()):
+            continue
+        diff = (y[b] - torch.from_numpy(prev)).abs()[inner]
+        total += float(diff.sum())
+        count += int(inner.sum())
+    return total / max(count, 1)
 
 
 def _highpass(y: torch.Tensor) -> torch.Tensor:
@@ -566,6 +812,26 @@ def _shows(y: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     if -lo > hi:  # a dark mark correlates negatively with a bright template
         ncc, hi = -ncc, -lo
     return ncc >= max(0.08, 0.4 * hi)
+
+
+def _mask_rle(shape: torch.Tensor | None) -> dict[str, Any]:
+    """The mark's pixels (shape > MASK_LEVEL) as run lengths, row-major, zeros first."""
+    if shape is None:
+        return {"h": 0, "w": 0, "rle": []}
+    flat = (shape > MASK_LEVEL).flatten().cpu().numpy().astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    rle = np.diff(np.concatenate([[0], edges])).tolist()
+    return {"h": int(shape.shape[0]), "w": int(shape.shape[1]), "rle": rle}
+
+
+def mask_from_rle(mask: dict[str, Any]) -> np.ndarray:
+    """The boolean (h, w) mask `_mask_rle` encoded."""
+    out = np.zeros(mask["h"] * mask["w"], bool)
+    pos, val = 0, False
+    for n in mask["rle"]:
+        out[pos : pos + n] = val
+        pos, val = pos + n, not val
+    return out.reshape(mask["h"], mask["w"])
 
 
 def _window_frames(det: Detection, wi: int) -> range:

@@ -99,6 +99,9 @@ class Detection:
     maps: list[torch.Tensor] = field(default_factory=list)
     #: per window, the median over pixels of |last frame - first frame| (grey levels)
     change: list[float] = field(default_factory=list)
+    #: the scene's global shift (dy, dx) from frame t-1 to t, full-resolution pixels,
+    #: for the frames of the windows (phase correlation)
+    shifts: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def moving(self) -> bool:
@@ -175,6 +178,9 @@ class DetectPass:
         ]
         dx, dy = (float(np.mean([s[k] for s in shifts])) for k in (0, 1))
         self.det.motion.append((dy, dx))
+        first = self.det.starts[self._next - 1]
+        for k, (sx, sy) in enumerate(shifts):
+            self.det.shifts[first + k + 1] = (sy * self.factor, sx * self.factor)
         self.det.change.append(float(np.median(np.abs(buf[-1] - buf[0]))))
         frames = torch.from_numpy(np.stack(buf)).to(self.device)
         g = gradients(frames)
