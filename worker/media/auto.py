@@ -52,6 +52,9 @@ SPOT_SAMPLES = 96
 OFF_SAMPLES = 32
 #: extra pixels around a detected box in the analysis crops
 PAD = 24
+#: frames the blend test of one candidate fits on, and the joint matte of a mark
+TEST_FRAMES = 24
+MATTE_FRAMES = 64
 #: a blended mark lets some of the scene through: above this it is opaque content
 MAX_OPACITY = 0.9
 MIN_OPACITY = 0.08
@@ -59,7 +62,10 @@ MIN_OPACITY = 0.08
 MIN_EXPLAINED = 0.75
 #: with a panning camera, inverting a mark must cut the motion-compensated
 #: frame difference on it by at least this share
-MIN_MOTION_GAIN = 0.15
+MIN_MOTION_GAIN = 0.0
+#: a template needs this many clear pixels (shape > 0.2) to be looked for elsewhere:
+#: a fragment of a few strokes matches texture anywhere
+MIN_MARK_PIXELS = 64
 #: the template is looked for again this many pixels around it (`_pool_shape`)
 GROW = 10
 #: two candidates are one mark when their shapes correlate this well
@@ -320,7 +326,9 @@ class AutoPlanner:
         scene content (opaque, or an edge that merely slid along itself)
         inverted as if it were a mark does the opposite.
         """
-        fitted = _refine_moving(d.on_y, d.on_uv, shape, self.r.options)
+        # A test, not the final matte: a bounded number of frames is plenty.
+        step = max(1, math.ceil(len(d.on_y) / TEST_FRAMES))
+        fitted = _refine_moving(d.on_y[::step], d.on_uv[::step], shape, self.r.options)
         if fitted is None:
             return self._reject(d, "no static shape under the moving scene")
         alpha, colour = fitted
@@ -332,6 +340,7 @@ class AutoPlanner:
             return self._reject(d, "too faint to be a mark", opacity=round(opacity, 3))
         y = torch.from_numpy(np.stack(d.on_y)).float()
         inv = invert_blend(y[:, None], alpha, colour[:1])[:, 0]
+        pairs = pairs[:: max(1, math.ceil(len(pairs) / TEST_FRAMES))]
         support = F.max_pool2d(on_mark.float()[None, None], 5, 1, 2)[0, 0] > 0
         before = _compensated_residual(y, pairs, support)
         after = _compensated_residual(inv, pairs, support)
@@ -477,6 +486,9 @@ class AutoPlanner:
         ys, xs = torch.nonzero(shape > 0.02, as_tuple=True)
         ty0, tx0 = int(ys.min()), int(xs.min())
         tmpl = shape[ty0 : int(ys.max()) + 1, tx0 : int(xs.max()) + 1].contiguous()
+        if int((tmpl > 0.2).sum()) < MIN_MARK_PIXELS:
+            self._reject(d, "too small to be told from texture", pixels=int((tmpl > 0.2).sum()))
+            return None, (0, 0)
         return tmpl, (d.y0 + ty0, d.x0 + tx0)
 
     def _find_in(self, d: _SpotData, tmpl: torch.Tensor) -> tuple[int, int] | None:
@@ -484,7 +496,8 @@ class AutoPlanner:
         th, tw = tmpl.shape
         if not d.on_y or d.h < th or d.w < tw:
             return None
-        crops = _highpass(torch.from_numpy(np.stack(d.on_y)).float())
+        step = max(1, math.ceil(len(d.on_y) / TEST_FRAMES))
+        crops = _highpass(torch.from_numpy(np.stack(d.on_y[::step])).float())
         scores = ncc_map(crops, _highpass(tmpl[None].float())[0])
         best = scores.flatten(1).max(1)
         good = best.values >= SAME_MARK_NCC
@@ -550,7 +563,8 @@ class AutoPlanner:
         if still:
             fitted = _refine_still(items, len(spots))
         else:
-            fitted = _refine_moving(on_y, on_uv, canvas, r.options)
+            step = max(1, math.ceil(len(on_y) / MATTE_FRAMES))
+            fitted = _refine_moving(on_y[::step], on_uv[::step], canvas, r.options)
         if fitted is None:
             for d in members:
                 self._reject(d, "the joint matte is not a blend")

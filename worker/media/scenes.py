@@ -85,7 +85,8 @@ def scene_frames(
 
     still: the same view with sensor noise (sigma 1.5), a slow exposure drift
     and a disc crossing the frame (the only thing that moves). moving: the
-    view pans over a larger canvas at 1.2-3.5 px/frame with a wobble, resampled
+    view pans over a larger canvas at 1.2-3.5 px/frame (up to 480 wide, in
+    proportion above) with a wobble, resampled
     bilinearly (sub-pixel motion, like a real pan).
     """
     rng = np.random.default_rng(seed + 1000)
@@ -102,7 +103,8 @@ def scene_frames(
         return
     if camera != "moving":
         raise ValueError(f"camera must be 'still' or 'moving', not {camera!r}")
-    speed = 1.2 + 2.3 * rng.random()
+    # px/frame at 320 wide; a pan covers the same share of a larger frame per frame
+    speed = (1.2 + 2.3 * rng.random()) * max(1.0, width / 480)
     # the path: mostly left-to-right, drifting vertically, speed varying
     xs, ys = [0.0], [0.0]
     for t in range(1, n):
