@@ -128,3 +128,18 @@ def test_auto_default_through_handler_reports_runs(tmp_path: Path):
     assert len(decode(res.outputs["clean.mp4"])) == N
     stages = {p["stage"] for p in res.progress}
     assert {"detect", "analyse", "restore", "done"} <= stages
+
+
+def test_template_grown_past_the_frame_edge_does_not_fail_the_job(tmp_path: Path):
+    """Regression: a mark's grown template could reach past the frame's edge at one of its
+    spots (here a looped 256x144 clip), which crashed the analysis instead of dropping it."""
+    clip = scenes.make_clip("moving-jump3", 48, 144, 256)
+    frames = (clip.blended[i % 48] for i in range(240))
+    src = synth.write_video(tmp_path / "loop.mp4", frames, preset="ultrafast")
+    res = run_handler(RemoveOverlay(), {}, inputs=[src], workdir=tmp_path / "w")
+    assert res.error is None, res.traceback
+    report = json.loads(res.outputs["report.json"].read_text())
+    h, w = 144, 256
+    for m in report["auto"]["marks"]:
+        mh, mw = m["mask"]["h"], m["mask"]["w"]
+        assert all(0 <= s["y"] <= h - mh and 0 <= s["x"] <= w - mw for s in m["spots"]), m

@@ -523,6 +523,18 @@ class AutoPlanner:
         h = min(_even_floor(th + 2 * MARGIN + 1) + 2, _even_floor(fh))
         w = min(_even_floor(tw + 2 * MARGIN + 1) + 2, _even_floor(fw))
         ri = len(r.regions)
+        # A spot must hold the whole template inside the frame (a grown template
+        # or a match at the edge may not).
+        fits = [
+            (sp, d)
+            for sp, d in zip(spots, members, strict=True)
+            if sp[0] >= 0 and sp[1] >= 0 and sp[0] + th <= fh and sp[1] + tw <= fw
+        ]
+        if not fits:
+            for d in members:
+                self._reject(d, "too close to the frame's edge to analyse")
+            return
+        spots, members = [sp for sp, _ in fits], [d for _, d in fits]
         # Aligned crops of every spot (frames that show it), grouped by the mark's
         # offset in the crop (chroma is aligned on even pixels).
         groups: dict[tuple[int, int], list[tuple[int, np.ndarray, np.ndarray, bool]]] = {}

@@ -249,19 +249,26 @@ def find_spots(det: Detection) -> tuple[list[Spot], list[dict]]:
     rejected: list[dict] = []
     if not det.maps:
         return [], rejected
-    maps = torch.stack([m.float() for m in det.maps])
-    q = maps.min(0).values
+    # One window at a time in float32 (the maps stay float16): the peak does
+    # not grow with the number of windows beyond the maps themselves.
+    q = det.maps[0].float()
+    for m in det.maps[1:]:
+        q = torch.minimum(q, m.float())
     f = det.factor
-    sh, sw = maps.shape[1:]
+    sh, sw = q.shape
     join = max(2, round(6 / f * max(1.0, sh / 240)))
     raw: list[tuple[tuple[int, int, int, int], int, float, bool]] = []
-    if len(det.maps) >= 2:
+
+    def transient(wi: int) -> torch.Tensor:
         # Smoothed a little: a mark's strokes are lines, the scene's leftovers
         # (fine grain, edges that moved less than a pixel) mostly specks.
-        trans = F.avg_pool2d((maps - q)[:, None], 3, 1, 1)[:, 0]
-        thr = _threshold(trans)
+        return F.avg_pool2d((det.maps[wi].float() - q)[None, None], 3, 1, 1)[0, 0]
+
+    if len(det.maps) >= 2:
+        # the threshold from the median over every window (on a subsample of pixels)
+        thr = _threshold(torch.cat([transient(wi).flatten()[::7] for wi in range(len(det.maps))]))
         for wi in range(len(det.maps)):
-            t = trans[wi].numpy()
+            t = transient(wi).numpy()
             # a busy window (a slow pan over fine detail) keeps only its strongest
             # structure: at most the top SPARSE share of its pixels
             thr_w = max(thr, float(np.quantile(t, 1 - SPARSE)))
