@@ -65,6 +65,7 @@ def run_cases(
                         lines.append(head + " | ".join(cells) + " |")
                     took = time.perf_counter() - t0
                     print(f"  {name} {w}x{h} {proto}: {took:.1f} s", flush=True)
+                    print("\n".join(lines[-len(rows) :]), flush=True)
     return "\n".join(lines), targets(raw), raw
 
 
