@@ -66,6 +66,9 @@ MIN_MOTION_GAIN = 0.0
 #: a template needs this many clear pixels (shape > 0.2) to be looked for elsewhere:
 #: a fragment of a few strokes matches texture anywhere
 MIN_MARK_PIXELS = 64
+#: a found mark's template that correlates this well with a part of a larger
+#: one's is that mark, seeded from a box that cut it (`_merge_parts`)
+PART_NCC = 0.4
 #: the template is looked for again this many pixels around it (`_pool_shape`)
 GROW = 10
 #: two candidates are one mark when their shapes correlate this well
@@ -390,23 +393,24 @@ class AutoPlanner:
     ) -> None:
         """Seed a mark from each confident spot; claim the spots that show its template."""
         claimed: set[int] = set()
+        templates = {id(d): self._template_of(d) for d in accepted}
+        # The largest clean template seeds first (then the spot seen in most
+        # frames): a spot whose box caught only part of the mark never does.
         seeds = sorted(
-            accepted,
-            key=lambda d: (-len(d.on_y), -int((d.shape > 0.2).sum()) if d.shape is not None else 0),
+            (d for d in accepted if templates[id(d)][0] is not None),
+            key=lambda d: (-int((templates[id(d)][0] > 0.2).sum()), -len(d.on_y)),
         )
-        # Larger shapes first among equals: a letter caught alone never seeds a mark.
-        seeds.sort(key=lambda d: -int((d.shape > 0.2).sum()) if d.shape is not None else 0)
+        found_marks: list[tuple[torch.Tensor, list[tuple[int, int]], list[_SpotData]]] = []
         for seed in seeds:
             if id(seed) in claimed:
                 continue
-            tmpl, pos = self._template_of(seed)
-            if tmpl is None:
-                continue
+            tmpl, pos = templates[id(seed)]
+            assert tmpl is not None
             th, tw = tmpl.shape
             if any(
-                overlap((pos[1], pos[0], tw, th), (x, y, m.size[1], m.size[0])) > 0.5
-                for m in self.marks
-                for y, x in m.spots
+                overlap((pos[1], pos[0], tw, th), (x, y, g[0].shape[1], g[0].shape[0])) > 0.5
+                for g in found_marks
+                for y, x in g[1]
             ):
                 claimed.add(id(seed))
                 self._reject(seed, "part of a larger mark found there")
@@ -426,6 +430,8 @@ class AutoPlanner:
                 self.rejected = [r for r in self.rejected if r.get("_id") != id(d)]
             if not still:
                 tmpl, spots = self._pool_shape(tmpl, spots, members)
+            found_marks.append((tmpl, spots, members))
+        for tmpl, spots, members in _merge_parts(found_marks, self._find_in):
             self._make_mark(tmpl, spots, members, still=still)
         for r in self.rejected:
             r.pop("_id", None)
@@ -491,8 +497,10 @@ class AutoPlanner:
             return None, (0, 0)
         return tmpl, (d.y0 + ty0, d.x0 + tx0)
 
-    def _find_in(self, d: _SpotData, tmpl: torch.Tensor) -> tuple[int, int] | None:
-        """Where `tmpl` shows in the spot's frames (high-passed NCC >= 0.6), if it does."""
+    def _find_in(
+        self, d: _SpotData, tmpl: torch.Tensor, level: float = SAME_MARK_NCC
+    ) -> tuple[int, int] | None:
+        """Where `tmpl` shows in the spot's frames (high-passed NCC >= `level`), if it does."""
         th, tw = tmpl.shape
         if not d.on_y or d.h < th or d.w < tw:
             return None
@@ -500,7 +508,7 @@ class AutoPlanner:
         crops = _highpass(torch.from_numpy(np.stack(d.on_y[::step])).float())
         scores = ncc_map(crops, _highpass(tmpl[None].float())[0])
         best = scores.flatten(1).max(1)
-        good = best.values >= SAME_MARK_NCC
+        good = best.values >= level
         if int(good.sum()) < 2:
             return None
         # the position most of the frames that show it agree on
@@ -786,6 +794,37 @@ def _refine_moving(
     if not bool((a > 0.02).any()):
         return None
     return a, torch.cat([w.view(1), w_uv.clamp(0, 255)])
+
+
+def _merge_parts(
+    marks: list[tuple[torch.Tensor, list[tuple[int, int]], list[_SpotData]]],
+    find: Any,
+) -> list[tuple[torch.Tensor, list[tuple[int, int]], list[_SpotData]]]:
+    """Fold a mark whose template is a part of another's (seeded from a box that cut
+    it) into that one: its spots move by where the part sits in the larger template."""
+    marks = sorted(marks, key=lambda m: -int((m[0] > 0.2).sum()))
+    out: list[tuple[torch.Tensor, list[tuple[int, int]], list[_SpotData]]] = []
+    for tmpl, spots, members in marks:
+        th, tw = tmpl.shape
+        for big, bspots, bmembers in out:
+            bh, bw = big.shape
+            if th > bh or tw > bw:
+                continue
+            scores = ncc_map(_highpass(big[None].float()), _highpass(tmpl[None].float())[0])[0]
+            if float(scores.max()) < PART_NCC:
+                continue
+            # where the larger template sits at each of the part's spots
+            for d in members:
+                pos = find(d, big, PART_NCC)
+                if pos is not None and all(
+                    abs(pos[0] - by) + abs(pos[1] - bx) > 4 for by, bx in bspots
+                ):
+                    bspots.append(pos)
+                    bmembers.append(d)
+            break
+        else:
+            out.append((tmpl, list(spots), list(members)))
+    return out
 
 
 def _consecutive(
