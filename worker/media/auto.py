@@ -398,7 +398,7 @@ class AutoPlanner:
         # frames): a spot whose box caught only part of the mark never does.
         seeds = sorted(
             (d for d in accepted if templates[id(d)][0] is not None),
-            key=lambda d: (-int((templates[id(d)][0] > 0.2).sum()), -len(d.on_y)),
+            key=lambda d: -int((d.shape > 0.2).sum()) if d.shape is not None else 0,
         )
         found_marks: list[tuple[torch.Tensor, list[tuple[int, int]], list[_SpotData]]] = []
         for seed in seeds:
