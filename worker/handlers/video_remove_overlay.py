@@ -177,9 +177,11 @@ class RemoveOverlay(Handler):
             if mode == "boxes":
                 remover.plan_boxes([Box(**b.model_dump()) for b in params.boxes])
             else:
-                boxes = remover.plan_auto()
-                if boxes:
-                    remover.plan_boxes(boxes)
+                from worker.media.auto import AutoPlanner
+
+                planner = AutoPlanner(remover)
+                remover.auto = planner
+                planner.plan()
             frames = remover.restore(out, crf=params.crf, preset=params.preset)
         ctx.progress(done=frames, total=frames, unit="frames", stage="done")
         regions = [
@@ -204,6 +206,8 @@ class RemoveOverlay(Handler):
             report["boxes"] = [b.__dict__ for b in remover.boxes]
             if mode == "auto":
                 report["detected"] = remover.detected
+                report["auto"] = remover.auto.report()
+                report["frames_with_mark"] = remover.crops_restored
         ctx.output_path("report.json").write_text(json.dumps(report, indent=2))
         return {
             "mode": mode,

@@ -211,6 +211,9 @@ class OverlayRemover:
         self.times: dict[str, dict[str, Any]] = {}
         self.template_shape: np.ndarray | None = None
         self.detected: list[dict[str, int]] = []
+        #: auto mode: decides per frame where its marks are (worker/media/auto.py)
+        self.auto: Any = None
+        self.crops_restored = 0
 
     # -- planning -------------------------------------------------------------
     def _stride(self) -> int:
@@ -243,12 +246,12 @@ class OverlayRemover:
         self._run("analyse", compute)
         tracker.estimate()
 
-    def _template_placement(self, y: int, x: int, h: int, w: int) -> Placement:
+    def _template_placement(self, y: int, x: int, h: int, w: int, region: int = 0) -> Placement:
         """The crop around a mark at (y, x): margin on every side unless the frame ends."""
         fh, fw = self.info.height, self.info.width
         y0 = min(max(_even_floor(y - MARGIN), 0), _even_floor(fh - h))
         x0 = min(max(_even_floor(x - MARGIN), 0), _even_floor(fw - w))
-        return Placement(0, y0, x0, (y - y0, x - x0))
+        return Placement(region, y0, x0, (y - y0, x - x0))
 
     def plan_boxes(self, boxes: list[Box]) -> None:
         """Estimate a free-form matte per box from frames in its time range.
@@ -355,15 +358,30 @@ class OverlayRemover:
         return boxes
 
     def _estimate(
-        self, region: Region, ys: list[np.ndarray], uvs: list[np.ndarray], *, template: bool
+        self,
+        region: Region,
+        ys: list[np.ndarray],
+        uvs: list[np.ndarray],
+        *,
+        template: bool,
+        opacity: float | None = None,
+        colour: tuple[float, float, float] | None = None,
     ) -> None:
+        """Fit the region's matte on aligned crops; `opacity` / `colour` (Y, U, V) when known."""
         y = self.stager.to_device(np.stack(ys)[:, None]).float()
         uv = self.stager.to_device(np.stack(uvs)).float()
-        matte = estimate_matte(y, shape=region.shape if template else None, ring=MARGIN // 2)
+        matte = estimate_matte(
+            y, shape=region.shape if template else None, ring=MARGIN // 2, opacity=opacity
+        )
+        if colour is not None:
+            matte.colour = torch.tensor(colour[:1], device=y.device)
         region.opacity = matte.opacity
         region.shape = (matte.alpha / max(matte.opacity, 1e-6)).clamp(0, 1)
         region.colour_y = matte.colour
-        region.colour_uv = fit_colour(uv, downsample_alpha(matte.alpha, 2))
+        if colour is not None:
+            region.colour_uv = torch.tensor(colour[1:], device=y.device)
+        else:
+            region.colour_uv = fit_colour(uv, downsample_alpha(matte.alpha, 2))
         region.alpha_stats = matte.stats()
         region.alpha_stats["colour_uv"] = [round(float(c), 2) for c in region.colour_uv]
         region.alpha_stats["samples"] = len(ys)
@@ -412,8 +430,12 @@ class OverlayRemover:
     def restore_batch(self, frames: list, first_index: int) -> int:
         """Restore every placement in `frames` in place; returns how many crops were done."""
         groups: dict[tuple[int, tuple[int, int]], list[tuple[list[np.ndarray], Placement]]] = {}
+        decided = self.auto.placements(frames, first_index) if self.auto is not None else None
         for k, frame in enumerate(frames):
-            pls = self._placements(first_index + k, float(frame.time or 0.0))
+            if decided is not None:
+                pls = decided[k]
+            else:
+                pls = self._placements(first_index + k, float(frame.time or 0.0))
             if not pls:
                 continue
             frame.make_writable()  # decoded buffers may still be reference frames
