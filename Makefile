@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 PROTOS := $(wildcard protos/spool/v1/*.proto)
 
-.PHONY: help bootstrap run control worker test test-all proto proto-check lint format bench demo clean
+.PHONY: help bootstrap run control worker test test-all proto proto-check lint format bench bench-peers demo clean
 
 help:
 	@echo "make run      start embedded Postgres + control plane + one worker"
@@ -16,6 +16,7 @@ help:
 	@echo "make proto    regenerate Python stubs from protos/"
 	@echo "make lint     ruff + buf lint + stale-stub check"
 	@echo "make bench    write benchmark figures to bench/report.md"
+	@echo "make bench-peers  only the throughput bench: Spool beside pgqueuer and Celery"
 	@echo "make demo     a 5-minute tour: remove an overlay from a clip"
 
 bootstrap: $(STAMP)
@@ -64,8 +65,15 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The peers of bench.throughput (pgqueuer, Celery) come from the `bench` extra;
+# Celery's broker is redis-server from Debian (skipped with a message if absent).
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
+
+bench-peers: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench --only throughput
 
 demo: $(STAMP)
 	$(BIN)/python -m bench.demo
