@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import re
@@ -512,7 +513,8 @@ def render(result: dict, args: argparse.Namespace, argv: list[str], seconds: flo
     lines.append(
         "- CPU: utime+stime from /proc of this process (the clients), the control plane,"
         " the workers and their children, Postgres and its backends (not for Celery), and"
-        " redis-server, over the window first submit → all done"
+        " redis-server, over the window first submit → all done; every system stays up"
+        " through a repetition, so Postgres's figure includes the others' idle background"
     )
     for key, why in result["skipped"].items():
         lines.append(f"- **{key} skipped**: {why}")
@@ -573,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     a("--pgbench-clients", type=int, default=8, help="pgbench -c")
     a("--echo-seconds", type=float, help="grpc echo duration per mode (default 3; 0: skip)")
     a("--profile", metavar="DIR", help="also profile one batched Spool run with py-spy")
+    a("--json", metavar="PATH", help="also write every figure measured as JSON")
     a("--no-report", action="store_true", help="do not append to bench/report.md")
     args = p.parse_args(argv)
     args.jobs = args.jobs or (1_000 if args.quick else 20_000)
@@ -588,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = asyncio.run(run(args))
     section = render(result, args, argv, time.perf_counter() - t0)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"argv": argv, **result}, indent=1, default=str))
     print("\n" + section, flush=True)
     if not args.no_report:
         if not REPORT.exists():
