@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 PROTOS := $(wildcard protos/spool/v1/*.proto)
 
-.PHONY: help bootstrap run control worker test test-all fuzz proto proto-check lint format bench chaos demo clean
+.PHONY: help bootstrap run control worker test test-all fuzz proto proto-check lint format bench bench-peers chaos demo clean
 
 help:
 	@echo "make run      start embedded Postgres + control plane + one worker"
@@ -18,6 +18,7 @@ help:
 	@echo "make lint     ruff + buf lint + stale-stub check"
 	@echo "make bench    write benchmark figures to bench/report.md"
 	@echo "make chaos    kill/stop workers and replicas, restart Postgres under load; check invariants"
+	@echo "make bench-peers  only the throughput bench: Spool beside pgqueuer and Celery"
 	@echo "make demo     a 5-minute tour: remove an overlay from a clip"
 
 bootstrap: $(STAMP)
@@ -69,12 +70,19 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The peers of bench.throughput (pgqueuer, Celery) come from the `bench` extra;
+# Celery's broker is redis-server from Debian (skipped with a message if absent).
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
 
 # Faults under load, then every invariant checked (docs/control-plane.md, "Chaos run").
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
+
+bench-peers: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench --only throughput
 
 demo: $(STAMP)
 	$(BIN)/python -m bench.demo
