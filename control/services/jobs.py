@@ -474,11 +474,14 @@ class JobsService:
                     catch_up = False
                     while True:
                         batch = await self._read_events(job_id, last, WATCH_BATCH)
-                        for event in batch:
+                        for i, event in enumerate(batch):
                             yield event
                             last = event["seq"]
-                            # The end, whatever follows (refused late messages).
-                            if is_terminal_event(event):
+                            # The end, unless a Retry started the job again: refused late
+                            # messages after it are history, not part of this watch.
+                            if is_terminal_event(event) and not any(
+                                e["kind"] == store.EVENT_STATE for e in batch[i + 1 :]
+                            ):
                                 return
                         if len(batch) < WATCH_BATCH:
                             break

@@ -28,7 +28,8 @@ def test_quick_quality_run_writes_both_reports(tmp_path: Path) -> None:
     text = report.read_text()
     assert text.startswith(OTHER.rstrip("\n"))
     assert "### quality" in text and "`python -m bench.quality --no-report --small`" in text
-    assert "#### Overlay removal quality" in text and "| static | none | invert |" in text
+    assert "#### Overlay removal without a template: moving marks" in text
+    assert "| moving-clean-ui | 320x180 |" in text and "Targets (issue 10)" in text
     assert "- software: python " in text and "torch " in text
     (dated,) = out.glob("report-*.md")
     assert bench_main.BEGIN not in dated.read_text()
