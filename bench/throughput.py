@@ -138,7 +138,7 @@ async def run_systems(args: argparse.Namespace, pg: Any, pg_pid: int, tmp: Path)
             for s in order:
                 log(f"rep {rep + 1}/{args.reps}: starting {s.name}")
                 await attempt(s, "start", s.start(rep))
-            for scenario in SCENARIOS:
+            for scenario in args.scenarios:
                 for s in order:
                     got = await attempt(s, scenario, measure(s, scenario, args, pg_pid))
                     if got is not None:
@@ -147,7 +147,7 @@ async def run_systems(args: argparse.Namespace, pg: Any, pg_pid: int, tmp: Path)
                             f"rep {rep + 1}: {s.name} {scenario}: {got['jobs_per_s']:.0f} jobs/s,"
                             f" {got['cpu_us']:.0f} µs CPU/job ({got['seconds']:.1f} s)"
                         )
-            for s in order:
+            for s in order if args.samples > 0 else ():
                 ms = await attempt(s, "round trip", s.round_trip(args.samples))
                 if ms:
                     rt = {"p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "n": len(ms)}
@@ -563,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     a("--samples", type=int, help="round-trip samples (default 2,000; --quick 200)")
     a("--reps", type=int, default=3, help="interleaved repetitions")
     a("--systems", default=",".join(ALL_SYSTEMS), help="comma list of spool,pgqueuer,celery")
+    a("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ",".join(SCENARIOS))
     a("--batch", type=int, default=500, help="jobs per batched submit")
     a("--concurrency", type=int, default=64, help="concurrent single-submit callers")
     a("--spool-workers", default="1x8", help="Spool worker processes x slots each")
@@ -579,12 +580,15 @@ def main(argv: list[str] | None = None) -> int:
     a("--no-report", action="store_true", help="do not append to bench/report.md")
     args = p.parse_args(argv)
     args.jobs = args.jobs or (1_000 if args.quick else 20_000)
-    args.samples = args.samples or (200 if args.quick else 2_000)
+    args.samples = args.samples if args.samples is not None else (200 if args.quick else 2_000)
     if args.pgbench_seconds is None:
         args.pgbench_seconds = 5.0 if args.quick else 10.0
     if args.echo_seconds is None:
         args.echo_seconds = 2.0 if args.quick else 3.0
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if set(args.scenarios) - set(SCENARIOS):
+        p.error(f"unknown scenarios: {', '.join(sorted(set(args.scenarios) - set(SCENARIOS)))}")
     bad = set(args.systems) - set(ALL_SYSTEMS)
     if bad:
         p.error(f"unknown systems: {', '.join(sorted(bad))}")

@@ -7,8 +7,8 @@ Hints are lost while the LISTEN connection is down, so after it reconnects every
 subscriber gets the wildcard hint `""` ("anything may have changed"). A full
 queue drops its oldest hint, so a slow subscriber never blocks anyone.
 
-Channels: `spool_jobs` (payload: job type), `spool_events` (job id),
-`spool_cancel` (job id). Send with `notify(session, channel, payload)` inside
+Channels: `spool_jobs` (payload: job type), `spool_events` and `spool_cancel`
+(a job id, or many joined by commas). Send with `notify(session, channel, payload)` inside
 the writing transaction; Postgres delivers it on commit.
 """
 
@@ -31,6 +31,8 @@ JOBS_CHANNEL = "spool_jobs"
 EVENTS_CHANNEL = "spool_events"
 CANCEL_CHANNEL = "spool_cancel"
 CHANNELS = (JOBS_CHANNEL, EVENTS_CHANNEL, CANCEL_CHANNEL)
+#: channels whose payload is a job id, or many joined by commas
+ID_CHANNELS = (EVENTS_CHANNEL, CANCEL_CHANNEL)
 
 #: The payload every subscriber receives after a reconnect: re-read everything.
 WILDCARD = ""
@@ -137,16 +139,23 @@ class Notifier:
         self.publish_local(channel, payload)
 
     def publish_local(self, channel: str, payload: str) -> None:
-        """Deliver a hint to this process's subscribers only (no database round trip)."""
+        """Deliver a hint to this process's subscribers only (no database round trip).
+
+        On the job-id channels a payload may name many jobs, comma-separated (one
+        NOTIFY per statement that moved many): each subscriber gets one hint per id.
+        """
         by_key = self._subs.get(channel)
         if not by_key:
             return
         if payload == WILDCARD:
-            targets: list[Subscription] = [s for subs in by_key.values() for s in subs]
-        else:
-            targets = [*by_key.get(None, ()), *by_key.get(payload, ())]
-        for sub in targets:
-            sub._offer(payload)
+            for sub in [s for subs in by_key.values() for s in subs]:
+                sub._offer(payload)
+            return
+        keys = payload.split(",") if channel in ID_CHANNELS and "," in payload else (payload,)
+        every = by_key.get(None, ())
+        for key in keys:
+            for sub in [*every, *by_key.get(key, ())]:
+                sub._offer(key)
 
     def _on_terminated(self, _conn: Any) -> None:
         if self._stopped:

@@ -23,6 +23,8 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 KEEPALIVE_TIME_MS = 10_000
 KEEPALIVE_TIMEOUT_MS = 5_000
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: the most jobs a worker may hold beyond its slots (control refuses more)
+MAX_PREFETCH = 1024
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -57,6 +59,8 @@ class WorkerSettings:
     name: str = field(default_factory=socket.gethostname)
     labels: dict[str, str] = field(default_factory=dict)
     slots: int = 1
+    #: jobs taken beyond the free slots, waiting here for one (0: off)
+    prefetch: int = 0
     #: restrict the job types served (empty: every type whose handler loads)
     types: list[str] = field(default_factory=list)
     device: str = "auto"
@@ -102,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--name", default=_env("SPOOL_WORKER_NAME", socket.gethostname()), help="display name")
     a("--labels", default=_env("SPOOL_WORKER_LABELS"), help="k=v,k=v")
     a("--slots", type=int, default=int(_env("SPOOL_WORKER_SLOTS", "1")), help="jobs at once")
+    a("--prefetch", type=int, default=int(_env("SPOOL_WORKER_PREFETCH", "0")),
+      help="jobs taken beyond the free slots, to wait here for one (0: off)")  # fmt: skip
     a("--types", default=_env("SPOOL_WORKER_TYPES"), help="only these job types (comma list)")
     a("--device", default=_env("SPOOL_DEVICE", "auto"), help="auto|cpu|cuda|cuda:N")
     a("--drain-grace", type=float, default=float(_env("SPOOL_DRAIN_GRACE_S", "30")),
@@ -129,6 +135,8 @@ def settings_from_args(argv: list[str] | None = None) -> WorkerSettings:
         parser.error(f"--labels: {exc}")
     if ns.slots < 1:
         parser.error("--slots must be at least 1")
+    if not 0 <= ns.prefetch <= MAX_PREFETCH:
+        parser.error(f"--prefetch must be between 0 and {MAX_PREFETCH}")
     if not 0 <= ns.metrics_port <= 65535:
         parser.error("--metrics-port must be between 0 (off) and 65535")
     if (ns.tls_cert or ns.tls_key) and not (ns.tls_cert and ns.tls_key):
@@ -145,6 +153,7 @@ def settings_from_args(argv: list[str] | None = None) -> WorkerSettings:
         name=ns.name,
         labels=labels,
         slots=ns.slots,
+        prefetch=ns.prefetch,
         types=[t.strip() for t in ns.types.split(",") if t.strip()],
         device=ns.device,
         drain_grace_s=ns.drain_grace,

@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
+from spool import batching
 from spool.v1 import job_pb2, worker_service_pb2, worker_service_pb2_grpc
 from worker import metrics
 from worker._config import (
@@ -84,6 +85,8 @@ class JobRun:
     timed_out: bool = False
     releasing: bool = False
     finished: bool = False
+    #: prefetched: waiting here for a free slot (the job to start, as the slot takes it)
+    waiting_spec: dict[str, Any] | None = None
     latest_progress: dict[str, Any] | None = None
     progress_sent_at: float = 0.0
     flush_handle: asyncio.TimerHandle | None = None
@@ -192,6 +195,10 @@ class Agent:
         self.job_types: list[str] = []
         self.device: dict[str, Any] = {}
         self._outbox: deque[_Out] = deque()
+        #: jobs held and not finished (running or waiting for a slot)
+        self._running = 0
+        #: prefetched jobs waiting for a free slot, in arrival order
+        self._waiting: deque[JobKey] = deque()
         #: outcomes written on this stream, kept until control acknowledges them
         self._unacked: dict[JobKey, _Out] = {}
         self._wake = asyncio.Event()
@@ -206,6 +213,8 @@ class Agent:
         self._drain_reason = ""
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_INTERVAL_S
         self.lease_s = 0.0
+        #: the control plane on this stream reads ConnectRequest.Batch
+        self._batches = False
         #: counters, for logs and tests
         self.stats = {"sessions": 0, "assigned": 0, "released": 0, "completed": 0,
                       "failed": 0, "canceled": 0, "killed": 0}  # fmt: skip
@@ -278,6 +287,12 @@ class Agent:
         if self._draining:
             return
         self._draining = True
+        # Prefetched jobs never started: hand them back now for others to run.
+        for key in list(self._waiting):
+            run = self.jobs.get(key)
+            if run is not None:
+                run.releasing = True
+                self._end_waiting(run, "killed")
         log.info("draining (%s): %d job(s) running", reason, self._unfinished())
         deadline = time.monotonic() + self.settings.drain_grace_s
         while self._unfinished() and time.monotonic() < deadline:
@@ -308,7 +323,7 @@ class Agent:
             await asyncio.wait_for(self._changed.wait(), max(wait_s, 0.0))
 
     def _unfinished(self) -> int:
-        return sum(1 for r in self.jobs.values() if not r.finished)
+        return self._running
 
     def _undelivered(self) -> int:
         """Outcomes control has not acknowledged yet (queued or written)."""
@@ -360,7 +375,9 @@ class Agent:
                     memory_bytes=dev.get("memory_bytes", 0),
                 ),
                 version=_version(),
+                prefetch=s.prefetch,
                 running=[_ref(k) for k in self._held()],
+                accepts_batches=True,
             )
         )
 
@@ -405,6 +422,7 @@ class Agent:
         hb = w.heartbeat_interval.ToTimedelta().total_seconds()
         self.heartbeat_interval_s = hb if hb > 0 else DEFAULT_HEARTBEAT_INTERVAL_S
         self.lease_s = w.lease_duration.ToTimedelta().total_seconds()
+        self._batches = w.accepts_batches
         if w.worker_id and w.worker_id != self.worker_id:
             log.info("control calls this worker %s", w.worker_id)
         self.stats["sessions"] += 1
@@ -439,29 +457,46 @@ class Agent:
             msg = await call.read()
             if msg is grpc.aio.EOF:
                 return
-            kind = msg.WhichOneof("message")
-            if kind == "assign":
-                self._on_assign(msg.assign)
-            elif kind == "cancel":
-                self._on_cancel(msg.cancel)
-            elif kind == "drain":
-                self.request_drain(f"control asked: {msg.drain.reason or 'drain'}")
-            elif kind == "ack":
-                self._on_ack(msg.ack)
-            elif kind == "welcome":
-                log.warning("ignoring a second Welcome on one stream")
+            if msg.WhichOneof("message") == "batch":
+                for item in msg.batch.messages:
+                    self._on_message(item)
             else:
-                log.warning("ignoring unknown message from control: %s", kind)
+                self._on_message(msg)
+
+    def _on_message(self, msg: worker_service_pb2.ConnectResponse) -> None:
+        kind = msg.WhichOneof("message")
+        if kind == "assign":
+            self._on_assign(msg.assign)
+        elif kind == "cancel":
+            self._on_cancel(msg.cancel)
+        elif kind == "drain":
+            self.request_drain(f"control asked: {msg.drain.reason or 'drain'}")
+        elif kind == "ack":
+            self._on_ack(msg.ack)
+        elif kind == "welcome":
+            log.warning("ignoring a second Welcome on one stream")
+        else:
+            log.warning("ignoring unknown message from control: %s", kind)
 
     async def _writer(self, call: Any) -> None:
         while True:
             while self._outbox:
-                item = self._outbox[0]
-                for msg in item.msgs:
-                    await call.write(msg)
-                self._outbox.popleft()
-                if item.done_key is not None:
-                    self._unacked[item.done_key] = item
+                # Everything queued goes out in one message when control reads
+                # batches: one stream write per burst of outcomes, not per job.
+                items = list(self._outbox)
+                msgs = [m for item in items for m in item.msgs]
+                if self._batches:
+                    for run in batching.chunks(msgs):
+                        await call.write(
+                            run[0] if len(run) == 1 else Req(batch=Req.Batch(messages=run))
+                        )
+                else:
+                    for msg in msgs:
+                        await call.write(msg)
+                for item in items:
+                    self._outbox.popleft()
+                    if item.done_key is not None:
+                        self._unacked[item.done_key] = item
             self._changed.set()
             if self._half_close:
                 await call.done_writing()
@@ -483,13 +518,42 @@ class Agent:
     def _on_slot_idle(self) -> None:
         """A slot became free: its CUDA figures changed, and it can take a job."""
         metrics.set_gpu_memory(self.pool.cuda_memory())
+        self._start_waiting()
         self._top_up_credits()
 
+    def _start_waiting(self) -> None:
+        """Start prefetched jobs on the free slots, oldest first."""
+        while self._waiting and self.pool.idle_count() > 0:
+            run = self.jobs.get(self._waiting.popleft())
+            if run is None or run.finished or run.waiting_spec is None:
+                continue
+            spec, run.waiting_spec = run.waiting_spec, None
+            if self.pool.start_job(run.key, spec) is None:  # pragma: no cover - idle checked
+                run.waiting_spec = spec
+                self._waiting.appendleft(run.key)
+                return
+
+    def _end_waiting(self, run: JobRun, status: str) -> bool:
+        """End a prefetched job that never started (cancel, timeout, drain); False if it runs."""
+        if run.waiting_spec is None:
+            return False
+        run.waiting_spec = None
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(run.key)
+        self._on_done(run.key, {"status": status})
+        self._top_up_credits()
+        return True
+
     def _top_up_credits(self) -> None:
-        """Announce idle slots not yet announced on this stream (credits are incremental)."""
+        """Announce capacity not yet announced on this stream (credits are incremental).
+
+        Capacity is the free slots plus the prefetch allowance not taken by jobs
+        already waiting here.
+        """
         if not self._connected or self._draining:
             return
-        n = self.pool.idle_count() - self._credits
+        capacity = self.pool.idle_count() + self.settings.prefetch - len(self._waiting)
+        n = capacity - self._credits
         if n > 0:
             self._credits += n
             self._send(Req(ready=Req.Ready(credits=n)))
@@ -510,7 +574,6 @@ class Agent:
             reason = f"job type {job.type!r} is not served here"
         if not reason:
             run = JobRun(key=key, job_type=job.type, started=time.monotonic())
-            self.jobs[key] = run
             spec = {
                 "job_id": job.id,
                 "attempt": key[1],
@@ -519,18 +582,24 @@ class Agent:
                 "inputs": list(job.inputs),
                 "tenant": job.tenant,
             }
-            if self.pool.start_job(key, spec) is None:
-                del self.jobs[key]
-                reason = "no free slot"
+            if self.pool.start_job(key, spec) is not None:
+                log.debug("job %s attempt %d (%s) started", key[0], key[1], job.type)
+            elif len(self._waiting) < self.settings.prefetch:
+                run.waiting_spec = spec
+                self._waiting.append(key)
             else:
-                timeout_s = job.timeout.ToTimedelta().total_seconds()
-                if timeout_s > 0:
-                    run.timeout_handle = asyncio.get_running_loop().call_later(
-                        timeout_s + LOCAL_TIMEOUT_MARGIN_S, self._on_local_timeout, key
-                    )
-                log.info("job %s attempt %d (%s) started", key[0], key[1], job.type)
-                metrics.RUNNING_JOBS.set(self._unfinished())
-                return
+                reason = "no free slot"
+        if not reason:
+            self.jobs[key] = run
+            self._running += 1
+            # The attempt's clock runs from its claim, waiting or not.
+            timeout_s = job.timeout.ToTimedelta().total_seconds()
+            if timeout_s > 0:
+                run.timeout_handle = asyncio.get_running_loop().call_later(
+                    timeout_s + LOCAL_TIMEOUT_MARGIN_S, self._on_local_timeout, key
+                )
+            metrics.RUNNING_JOBS.set(self._unfinished())
+            return
         log.warning("releasing job %s attempt %d: %s", key[0], key[1], reason)
         self.stats["released"] += 1
         self._send(
@@ -558,6 +627,8 @@ class Agent:
         if run.cancel_requested:
             return
         run.cancel_requested = True
+        if self._end_waiting(run, "cancelled"):
+            return
         self.pool.cancel(key)
         grace = c.grace_period.ToTimedelta().total_seconds() or DEFAULT_CANCEL_GRACE_S
         log.info("cancelling job %s attempt %d (%s); forced stop in %.1fs",
@@ -572,6 +643,8 @@ class Agent:
             return
         log.warning("job %s attempt %d passed its timeout; cancelling", *key)
         run.timed_out = True
+        if self._end_waiting(run, "cancelled"):
+            return
         self.pool.cancel(key)
         run.kill_handle = asyncio.get_running_loop().call_later(
             DEFAULT_CANCEL_GRACE_S, self._force_stop, key
@@ -621,6 +694,7 @@ class Agent:
             return
         run.cancel_timers()
         run.finished = True
+        self._running -= 1
         msgs: list[Req] = []
         if run.latest_progress is not None:
             # The final progress value always reaches control, before the result.
@@ -635,7 +709,10 @@ class Agent:
         duration_s = time.monotonic() - run.started
         metrics.job_finished(key, run.job_type, kind, duration_s)
         metrics.RUNNING_JOBS.set(self._unfinished())
-        log.info("job %s attempt %d %s in %.2fs", key[0], key[1],
+        # One line per job at INFO would cost more than a no-op job: only the
+        # ones that did not succeed are logged at INFO.
+        log.log(logging.DEBUG if kind == "completed" else logging.INFO,
+                "job %s attempt %d %s in %.2fs", key[0], key[1],
                  kind if kind != "failed" else f"failed ({msg.failed.error.code})",
                  duration_s)  # fmt: skip
         self._send(*msgs, msg, durable=True, done_key=key)

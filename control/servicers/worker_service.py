@@ -23,6 +23,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from control import auth, validate
 from control.errors import FailedPrecondition, InvalidArgument, SpoolError, abort
 from control.services import dispatch
+from spool import batching
 from spool.v1 import job_pb2, worker_service_pb2, worker_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ HELLO_TIMEOUT_S = 30.0
 #: limits on what a Hello may claim (a worker is trusted, but bounded)
 MAX_JOB_TYPES = 256
 MAX_SLOTS = 1024
+MAX_PREFETCH = 1024
 MAX_ID_LEN = 200
 #: lengths kept of a worker's free text (longer is cut) and of its output URIs
 MAX_TEXT_LEN = 200
@@ -101,6 +103,8 @@ def hello_from_proto(msg: Request.Hello) -> dispatch.Hello:
     )
     if msg.slots < 0 or msg.slots > MAX_SLOTS:
         raise InvalidArgument("hello.slots", f"between 0 and {MAX_SLOTS} (0 means 1)")
+    if msg.prefetch < 0 or msg.prefetch > MAX_PREFETCH:
+        raise InvalidArgument("hello.prefetch", f"between 0 and {MAX_PREFETCH}")
     device = validate.json_value(
         "hello.device", json_format.MessageToDict(msg.device, preserving_proto_field_name=True)
     )
@@ -113,6 +117,8 @@ def hello_from_proto(msg: Request.Hello) -> dispatch.Hello:
         device=device,
         version=validate.text("hello.version", msg.version, max_len=MAX_ID_LEN),
         running=_refs(msg.running),
+        accepts_batches=msg.accepts_batches,
+        prefetch=msg.prefetch,
     )
 
 
@@ -295,6 +301,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                         lease_duration=_duration(settings.lease_s),
                         heartbeat_interval=_duration(settings.heartbeat_s),
                         control_replica=self.dispatcher.replica_id,
+                        accepts_batches=True,
                     )
                 )
             )
@@ -304,19 +311,46 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             writer = asyncio.create_task(session.run_writer(), name=f"worker.{hello.worker_id}.db")
             # If the writer gives up (database gone), the stream ends and the worker reconnects.
             writer.add_done_callback(lambda _: session.outbox.put_nowait(None))
-            while True:
-                out = await session.outbox.get()
-                if out is None:
-                    break
-                if isinstance(out, dispatch.Assign) and session.closed:
-                    # The worker stopped reading jobs (it half-closed): hand it back.
-                    session.unsent.append(out)
-                    continue
-                await context.write(self._to_proto(out))
+            while await self._write_ready(session, context):
+                pass
             if reader.done() and isinstance(reader.exception(), SpoolError):
                 await abort(context, reader.exception())  # type: ignore[arg-type]
         finally:
             await self.dispatcher.guarded(self._close(session, reader, writer))
+
+    async def _write_ready(
+        self, session: dispatch.WorkerSession, context: grpc.aio.ServicerContext
+    ) -> bool:
+        """Write what the session queued (one Batch when the worker reads them); False at the end.
+
+        Everything already queued goes out in one message: the Assigns of one
+        claim, the Acks of one committed batch, so a stream write is paid per
+        batch, not per job.
+        """
+        queued = [await session.outbox.get()]
+        while not session.outbox.empty():
+            queued.append(session.outbox.get_nowait())
+        end = next((i for i, item in enumerate(queued) if item is None), None)
+        if end is not None:
+            # Assigns queued after the end never reach the worker: they go back.
+            session.unsent += [a for a in queued[end:] if isinstance(a, dispatch.Assign)]
+            queued = queued[:end]
+        out = []
+        for item in queued:
+            if isinstance(item, dispatch.Assign) and session.closed:
+                # The worker stopped reading jobs (it half-closed): hand it back.
+                session.unsent.append(item)
+            else:
+                out.append(self._to_proto(item))
+        if session.hello.accepts_batches:
+            for run in batching.chunks(out):
+                await context.write(
+                    run[0] if len(run) == 1 else Response(batch=Response.Batch(messages=run))
+                )
+        else:
+            for msg in out:
+                await context.write(msg)
+        return end is None
 
     async def _close(
         self,
@@ -337,6 +371,12 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 log.warning("worker %s: last messages not applied", session.worker_id)
         await self.dispatcher.close_session(session)
 
+    @staticmethod
+    def _receive(session: dispatch.WorkerSession, req: Request, max_delay_s: float) -> None:
+        msg = message_from_proto(req, max_delay_s)
+        if msg is not None:
+            session.receive(msg)
+
     async def _read(self, requests: AsyncIterator[Request], session: dispatch.WorkerSession):
         """Hand every worker message to the session until the stream ends.
 
@@ -348,9 +388,15 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
         half_closed = False
         try:
             async for req in requests:
-                msg = message_from_proto(req, max_delay_s)
-                if msg is not None:
-                    session.receive(msg)
+                if req.WhichOneof("message") == "batch":
+                    for item in req.batch.messages:
+                        if item.WhichOneof("message") == "batch":
+                            log.warning("worker %s: a Batch inside a Batch ignored",
+                                        session.worker_id)  # fmt: skip
+                            continue
+                        self._receive(session, item, max_delay_s)
+                else:
+                    self._receive(session, req, max_delay_s)
             half_closed = True
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass

@@ -55,6 +55,8 @@ LOOK_AHEAD_MIN_INTERVAL_S = 0.1
 CANCEL_SWEEP_INTERVAL_S = 1.0
 #: at most one progress write per job per this interval (the last is always written)
 PROGRESS_FLUSH_INTERVAL_S = 0.2
+#: cancel hints kept queued (beyond it the sweep catches up)
+CANCEL_HINT_QUEUE_SIZE = 10_000
 #: a claim that keeps coming back with held-back keyed jobs is retried this often per round
 MAX_CLAIMS_PER_SESSION_ROUND = 4
 #: attempts to apply a batch of worker messages before giving the stream up
@@ -87,6 +89,10 @@ class Hello:
     version: str = ""
     #: attempts it still runs from before a reconnect
     running: Sequence[tuple[str, int]] = ()
+    #: it reads many messages in one (ConnectResponse.Batch)
+    accepts_batches: bool = False
+    #: jobs it takes beyond its free slots
+    prefetch: int = 0
 
 
 @dataclass(frozen=True)
@@ -272,8 +278,9 @@ class WorkerSession:
     def _add_credits(self, credits: int) -> None:
         if credits <= 0:
             return
-        # Credits never exceed the slots the worker declared, whatever it sends.
-        cap = max(1, self.hello.slots)
+        # Credits never exceed the slots (and prefetch) the worker declared,
+        # whatever it sends.
+        cap = max(1, self.hello.slots) + max(0, self.hello.prefetch)
         self.credits = min(cap, self.credits + credits)
         self.dispatcher.wake()
 
@@ -434,25 +441,35 @@ class WorkerSession:
     async def _apply_in_transaction(
         self, msgs: Sequence[Heartbeat | Outcome], flush_due: bool
     ) -> list[Any]:
-        d = self.dispatcher
+        """One transaction: heartbeats, then progress, then every outcome, a statement per run.
+
+        The final progress of an attempt is written before its outcome (so its
+        PROGRESS event precedes the terminal one); consecutive outcomes of one
+        kind are applied by one statement.
+        """
         now = utcnow()
         after: list[Any] = []
         acks: list[OutcomeAck] = []
         pending = dict(self._pending_progress)
-        async with d.db.session() as s, s.begin():
+        outcomes = [m for m in msgs if not isinstance(m, Heartbeat)]
+        progress = []
+        for msg in outcomes:
+            p = pending.pop(msg.job_id, None)
+            if p is not None and p[0] == msg.attempt:
+                progress.append((msg.job_id, *p))
+        if flush_due and pending:
+            progress += [(job_id, a, p) for job_id, (a, p) in pending.items()]
+            pending = {}
+        async with self.dispatcher.db.session() as s, s.begin():
             for msg in msgs:
                 if isinstance(msg, Heartbeat):
                     await self._heartbeat(s, msg, now, after)
-                    continue
-                # The final progress of an attempt is written before its outcome.
-                p = pending.pop(msg.job_id, None)
-                if p is not None and p[0] == msg.attempt:
-                    await store.write_progress(s, self.worker_id, [(msg.job_id, *p)], now)
-                acks.append(await self._outcome(s, msg, now, after))
-            if flush_due and pending:
-                updates = [(job_id, a, p) for job_id, (a, p) in pending.items()]
-                await store.write_progress(s, self.worker_id, updates, now)
-                pending = {}
+            if progress:
+                await store.write_progress(s, self.worker_id, progress, now)
+            for run in _runs(outcomes):
+                moved = await self._outcomes(s, run, now)
+                for msg, t in zip(run, moved, strict=True):
+                    acks.append(self._settled(msg, t, after))
         # Committed (only this task touches the pending progress).
         if len(pending) < len(self._pending_progress):
             self._last_flush = time.monotonic()
@@ -471,36 +488,50 @@ class WorkerSession:
                 lambda j=job_id, a=attempt: self.send_cancel(j, a, "attempt no longer leased")
             )
 
-    async def _outcome(self, s: Any, msg: Outcome, now: datetime, after: list[Any]) -> OutcomeAck:
-        d = self.dispatcher
+    async def _outcomes(
+        self, s: Any, run: Sequence[Outcome], now: datetime
+    ) -> list[store.Transition | None]:
+        """Apply outcomes of one kind in one statement; a Transition (or None: refused) each."""
+        settings = self.dispatcher.settings
         w = self.worker_id
-        if isinstance(msg, Completed):
-            t = await store.complete_attempt(
-                s, msg.job_id, msg.attempt, w, msg.result, msg.outputs, now
+        first = run[0]
+        if isinstance(first, Completed):
+            items = [(m.job_id, m.attempt, m.result, m.outputs) for m in run]  # type: ignore[union-attr]
+            return await store.complete_attempts(s, w, items, now)
+        if isinstance(first, Failed):
+            return await store.fail_attempts(
+                s, w, [(m.job_id, m.attempt, m.error, m.retry_delay_s) for m in run],  # type: ignore[union-attr]
+                now, backoff_base_s=settings.retry_backoff_base_s,
+                backoff_max_s=settings.retry_backoff_max_s,
+            )  # fmt: skip
+        if isinstance(first, Released):
+            items = [(m.job_id, m.attempt, m.reason) for m in run]  # type: ignore[union-attr]
+            return await store.release_attempts(s, w, items, now)
+        if isinstance(first, Canceled):
+            return await store.confirm_canceled_many(
+                s, w, [(m.job_id, m.attempt) for m in run], now
             )
-        elif isinstance(msg, Failed):
-            t = await store.fail_attempt(
-                s,
-                msg.job_id,
-                msg.attempt,
-                w,
-                msg.error,
-                now,
-                retry_delay_s=msg.retry_delay_s,
-                backoff_base_s=d.settings.retry_backoff_base_s,
-                backoff_max_s=d.settings.retry_backoff_max_s,
-            )
-        elif isinstance(msg, Released):
-            t = await store.release_attempt(s, msg.job_id, msg.attempt, w, msg.reason, now)
-        elif isinstance(msg, Canceled):
-            t = await store.confirm_canceled(s, msg.job_id, msg.attempt, w, now)
-        else:  # pragma: no cover - the servicer only builds the types above
-            raise TypeError(f"unexpected message {msg!r}")
+        raise TypeError(f"unexpected message {first!r}")  # pragma: no cover
+
+    def _settled(self, msg: Outcome, t: store.Transition | None, after: list[Any]) -> OutcomeAck:
+        """What follows an applied (or refused) outcome once the transaction commits."""
         after.append(lambda: self._forget(msg.job_id, msg.attempt))
-        after.append(lambda: metrics.count_finished([t]))
-        if t is None:
+        if t is not None:
+            after.append(lambda: metrics.count_finished([t]))
+        else:
             metrics.IGNORED.labels(kind=type(msg).__name__.lower()).inc()
         return OutcomeAck(msg.job_id, msg.attempt, t is not None, "" if t else STALE_REASON)
+
+
+def _runs(msgs: Sequence[Outcome]) -> list[list[Outcome]]:
+    """Consecutive messages of one type, in order."""
+    runs: list[list[Outcome]] = []
+    for msg in msgs:
+        if runs and type(runs[-1][0]) is type(msg):
+            runs[-1].append(msg)
+        else:
+            runs.append([msg])
+    return runs
 
 
 # ------------------------------------------------------------------ dispatcher
@@ -526,7 +557,8 @@ class Dispatcher:
     async def start(self) -> None:
         """Subscribe to the wake-up channels and start the named loops."""
         jobs_sub = self.notifier.subscribe("spool_jobs")
-        cancel_sub = self.notifier.subscribe("spool_cancel")
+        # Cancel hints name jobs (a reaper's statement may name hundreds at once).
+        cancel_sub = self.notifier.subscribe("spool_cancel", maxsize=CANCEL_HINT_QUEUE_SIZE)
         self._subs = [jobs_sub, cancel_sub]
         self._tasks = [
             asyncio.create_task(self._claim_loop(), name="dispatch.claim"),
@@ -803,19 +835,10 @@ class Dispatcher:
         """Jobs claimed for a stream that closed before they were sent go back at once."""
         if not rows:
             return
+        reason = "the stream closed before the job was sent"
+        items = [(str(row["id"]), row["attempt"], reason) for row in rows]
         async with self.db.session() as s, s.begin():
-            moved = [
-                await store.release_attempt(
-                    s,
-                    str(row["id"]),
-                    row["attempt"],
-                    session.worker_id,
-                    "the stream closed before the job was sent",
-                    utcnow(),
-                    by="control",
-                )
-                for row in rows
-            ]
+            moved = await store.release_attempts(s, session.worker_id, items, utcnow(), by="control")
         # A cancel requested meanwhile makes the release a CANCELED.
         metrics.count_finished(moved)
 

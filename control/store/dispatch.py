@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -25,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control.schema import jobs
+from control.store import machine
 
 log = logging.getLogger(__name__)
 
@@ -70,35 +70,14 @@ def ms(td: timedelta | float) -> int:
     return int(td * 1000)
 
 
-def backoff_ms(attempt: int, base_s: float, max_s: float) -> int:
-    """Exponential backoff with 'equal jitter' before attempt `attempt + 1`.
-
-    The wait doubles per attempt up to `max_s`, and a random half of it is
-    dropped so a burst of failures does not retry in lockstep.
-    """
-    ceiling = min(max_s, base_s * (2 ** max(0, attempt - 1)))
-    return int(ceiling * random.uniform(0.5, 1.0) * 1000)
-
-
 # --------------------------------------------------------------------------- claim
 
 #: the longest attempt timeout a claim computes a deadline from (Submit refuses longer)
 MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 
-# What starting an attempt sets, in both claim statements below (`j` is the job row).
-_START_SET = f"""\
-            state = 'running',
-            worker_id = :worker_id,
-            started_at = CAST(:now AS timestamptz),
-            updated_at = CAST(:now AS timestamptz),
-            lease_expires_at = CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond',
-            deadline_at = CASE WHEN j.timeout_ms > 0
-                THEN CAST(:now AS timestamptz)
-                     + least(j.timeout_ms, {MAX_TIMEOUT_MS}) * interval '1 millisecond' END,
-            cancel_requested = false,
-            cancel_requested_at = NULL,
-            progress = NULL,
-            last_seq = j.last_seq + 1"""
+# What starting an attempt sets, its event and its wake-ups, in both claim
+# statements below (`j` is the job row): the claim transition of the state machine.
+_START_SET, _START_EVENT, _START_NOTES = machine.start_sql()
 
 # Lock the best claimable jobs for this worker.
 #
@@ -156,13 +135,15 @@ _CLAIM_SQL = sa.text(
     ),
     events AS (
         INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, created_at)
-        SELECT id, last_seq, 'state', 'running', attempt, worker_id, CAST(:now AS timestamptz)
-        FROM started
+        SELECT {_START_EVENT} FROM started
+    ),
+    notes AS (
+        {_START_NOTES}
     )
-    SELECT started.*, true AS started, pg_notify('spool_events', started.id::text)::text AS n
+    SELECT started.*, true AS started, (SELECT count(*) FROM notes) AS notified
     FROM started
     UNION ALL
-    SELECT j.*, false, NULL
+    SELECT j.*, false, 0
     FROM jobs AS j JOIN cand ON cand.id = j.id
     WHERE cand.keyed
     """
@@ -208,15 +189,17 @@ _START_KEYED_SQL = sa.text(
     ),
     events AS (
         INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, created_at)
-        SELECT id, last_seq, 'state', 'running', attempt, worker_id, CAST(:now AS timestamptz)
-        FROM started
+        SELECT {_START_EVENT} FROM started
+    ),
+    notes AS (
+        {_START_NOTES}
     ),
     stamp AS (
         UPDATE concurrency_keys AS k SET last_started_at = CAST(:now AS timestamptz)
         FROM (SELECT DISTINCT tenant, concurrency_key FROM started) AS s
         WHERE k.tenant = s.tenant AND k.key = s.concurrency_key
     )
-    SELECT started.*, pg_notify('spool_events', started.id::text)::text AS n
+    SELECT started.*, (SELECT count(*) FROM notes) AS notified
     FROM started
     """
 ).columns(**_JOB_COLUMN_TYPES)
@@ -257,6 +240,7 @@ async def claim_jobs(
         "limit": limit,
         "worker_id": worker_id,
         "lease_ms": ms(lease_s),
+        "max_timeout_ms": MAX_TIMEOUT_MS,
     }
     rows = (await session.execute(_CLAIM_SQL, args)).mappings().all()
     keyed = [r for r in rows if not r["started"]]
@@ -342,43 +326,14 @@ async def claim_candidates(
     return [str(r.id) for r in await session.execute(_CANDIDATES_SQL, args)]
 
 
-# A QUEUED job that no claim can start (a stored value breaks the statement):
-# FAILED with the given error, its time columns reset to values any reader can
-# decode, so Get, List and Delete work on it again.
-_QUARANTINE_SQL = sa.text(
-    """
-    WITH u AS (
-        UPDATE jobs AS j SET
-            state = 'failed',
-            error = CAST(:error AS jsonb),
-            not_before = CAST(:now AS timestamptz),
-            timeout_ms = 0,
-            finished_at = CAST(:now AS timestamptz),
-            updated_at = CAST(:now AS timestamptz),
-            lease_expires_at = NULL,
-            deadline_at = NULL,
-            last_seq = j.last_seq + 1
-        WHERE j.id = CAST(:id AS uuid) AND j.state = 'queued'
-        RETURNING j.id, j.type, j.state, j.attempt, j.error, j.last_seq
-    ),
-    events AS (
-        INSERT INTO job_events (job_id, seq, kind, state, attempt, error, created_at)
-        SELECT id, last_seq, 'state', state, attempt, error, CAST(:now AS timestamptz)
-        FROM u
-    )
-    SELECT u.id, u.type, u.state, u.attempt, NULL AS worker_id,
-           pg_notify('spool_events', u.id::text)::text AS n
-    FROM u
-    """
-)
-
-
 async def quarantine_job(
     session: AsyncSession, job_id: str, error: Mapping[str, Any], now: datetime
 ) -> Transition | None:
-    """QUEUED → FAILED for a job that breaks the claim statement; None if it moved meanwhile."""
-    args = {"id": job_id, "error": json.dumps(dict(error)), "now": now}
-    row = (await session.execute(_QUARANTINE_SQL, args)).first()
+    """QUEUED → FAILED for a job that breaks the claim statement (its time columns reset
+    to values any reader can decode, so Get, List and Delete work on it again); None if
+    it moved meanwhile."""
+    args = {"id": [job_id], "error": [json.dumps(dict(error))], "now": now}
+    row = (await session.execute(machine.STATEMENTS["quarantine"], args)).first()
     return transition_from_row(row) if row is not None else None
 
 
@@ -410,174 +365,41 @@ async def next_due_at(
 
 # ------------------------------------------------------------- worker transitions
 
-# The compare-and-set shared by every worker message: the job must still be
-# RUNNING this very attempt on this very worker, else the message is stale.
-_CAS = "j.id = CAST(:id AS uuid) AND j.state = 'running' AND j.attempt = :attempt " + (
-    "AND j.worker_id = :worker_id"
-)
-
-# Completed: SUCCEEDED with result and outputs, or CANCELED when a cancel was
-# requested meanwhile (the result is then recorded as ignored, before the terminal
-# STATE event so the terminal event stays the last one).
-_COMPLETE_SQL = sa.text(
-    f"""
-    WITH old AS (
-        SELECT j.id, j.last_seq, j.cancel_requested FROM jobs AS j WHERE {_CAS} FOR UPDATE
-    ),
-    u AS (
-        UPDATE jobs AS j SET
-            state = CASE WHEN old.cancel_requested THEN 'canceled' ELSE 'succeeded' END,
-            result = CASE WHEN old.cancel_requested THEN NULL
-                          ELSE CAST(:result AS jsonb) END,
-            outputs = CASE WHEN old.cancel_requested THEN j.outputs
-                           ELSE CAST(:outputs AS jsonb) END,
-            finished_at = CAST(:now AS timestamptz),
-            updated_at = CAST(:now AS timestamptz),
-            lease_expires_at = NULL,
-            deadline_at = NULL,
-            last_seq = j.last_seq + CASE WHEN old.cancel_requested THEN 2 ELSE 1 END
-        FROM old WHERE j.id = old.id
-        RETURNING j.id, j.type, j.state, j.attempt, j.worker_id, j.last_seq
-    ),
-    events AS (
-        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, message, created_at)
-        SELECT u.id, u.last_seq - 1, 'ignored', NULL, u.attempt, u.worker_id,
-               'completion after cancel request ignored', CAST(:now AS timestamptz)
-        FROM u WHERE u.state = 'canceled'
-        UNION ALL
-        SELECT u.id, u.last_seq, 'state', u.state, u.attempt, u.worker_id, '',
-               CAST(:now AS timestamptz)
-        FROM u
-    )
-    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n FROM u
-    """
-)
-
-# Failed: back to QUEUED (attempt + 1, not_before = now + delay) when the error is
-# retryable and attempts are left, CANCELED when a cancel was requested, else FAILED.
-_FAIL_SQL = sa.text(
-    f"""
-    WITH old AS (
-        SELECT j.id, j.last_seq,
-               CASE WHEN j.cancel_requested THEN 'canceled'
-                    WHEN :retryable AND j.attempt < j.max_attempts THEN 'queued'
-                    ELSE 'failed' END AS next_state
-        FROM jobs AS j WHERE {_CAS} FOR UPDATE
-    ),
-    u AS (
-        UPDATE jobs AS j SET
-            state = old.next_state,
-            attempt = j.attempt + CASE WHEN old.next_state = 'queued' THEN 1 ELSE 0 END,
-            not_before = CASE WHEN old.next_state = 'queued'
-                THEN CAST(:now AS timestamptz) + :delay_ms * interval '1 millisecond'
-                ELSE j.not_before END,
-            worker_id = CASE WHEN old.next_state = 'queued' THEN NULL ELSE j.worker_id END,
-            progress = CASE WHEN old.next_state = 'queued' THEN NULL ELSE j.progress END,
-            error = CAST(:error AS jsonb),
-            finished_at = CASE WHEN old.next_state = 'queued' THEN NULL
-                               ELSE CAST(:now AS timestamptz) END,
-            updated_at = CAST(:now AS timestamptz),
-            lease_expires_at = NULL,
-            deadline_at = NULL,
-            last_seq = j.last_seq + 1
-        FROM old WHERE j.id = old.id
-        RETURNING j.id, j.type, j.state, j.attempt, j.error, j.last_seq
-    ),
-    events AS (
-        INSERT INTO job_events (job_id, seq, kind, state, attempt, error, worker_id, created_at)
-        SELECT id, last_seq, 'state', state, attempt, error, :worker_id, CAST(:now AS timestamptz)
-        FROM u
-    )
-    SELECT u.id, u.type, u.state, u.attempt, :worker_id AS worker_id,
-           pg_notify('spool_events', u.id::text)::text AS n,
-           CASE WHEN u.state = 'queued'
-                THEN pg_notify('spool_jobs', u.type)::text END AS nq
-    FROM u
-    """
-)
-
-# Canceled (the handler stopped after a Cancel): CANCELED, if a cancel was requested.
-_CANCELED_SQL = sa.text(
-    f"""
-    WITH u AS (
-        UPDATE jobs AS j SET
-            state = 'canceled',
-            finished_at = CAST(:now AS timestamptz),
-            updated_at = CAST(:now AS timestamptz),
-            lease_expires_at = NULL,
-            deadline_at = NULL,
-            last_seq = j.last_seq + 1
-        WHERE {_CAS} AND j.cancel_requested
-        RETURNING j.id, j.type, j.state, j.attempt, j.worker_id, j.last_seq
-    ),
-    events AS (
-        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, created_at)
-        SELECT id, last_seq, 'state', state, attempt, worker_id, CAST(:now AS timestamptz)
-        FROM u
-    )
-    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n FROM u
-    """
-)
-
-# Released (drain): back to QUEUED at once with attempt + 1 (a fresh fencing
-# token) and max_attempts + 1, so a hand-back never spends the retry budget. A
-# job whose cancel was requested becomes CANCELED instead.
-_RELEASE_SQL = sa.text(
-    f"""
-    WITH old AS (
-        SELECT j.id, CASE WHEN j.cancel_requested THEN 'canceled' ELSE 'queued' END AS next_state
-        FROM jobs AS j WHERE {_CAS} FOR UPDATE
-    ),
-    u AS (
-        UPDATE jobs AS j SET
-            state = old.next_state,
-            attempt = j.attempt + CASE WHEN old.next_state = 'queued' THEN 1 ELSE 0 END,
-            max_attempts = j.max_attempts + CASE WHEN old.next_state = 'queued' THEN 1 ELSE 0 END,
-            not_before = CASE WHEN old.next_state = 'queued'
-                THEN CAST(:now AS timestamptz) ELSE j.not_before END,
-            worker_id = CASE WHEN old.next_state = 'queued' THEN NULL ELSE j.worker_id END,
-            progress = CASE WHEN old.next_state = 'queued' THEN NULL ELSE j.progress END,
-            finished_at = CASE WHEN old.next_state = 'queued' THEN NULL
-                               ELSE CAST(:now AS timestamptz) END,
-            updated_at = CAST(:now AS timestamptz),
-            lease_expires_at = NULL,
-            deadline_at = NULL,
-            last_seq = j.last_seq + 1
-        FROM old WHERE j.id = old.id
-        RETURNING j.id, j.type, j.state, j.attempt, j.last_seq
-    ),
-    events AS (
-        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, message, created_at)
-        SELECT id, last_seq, 'state', state, attempt, :worker_id, :message,
-               CAST(:now AS timestamptz)
-        FROM u
-    )
-    SELECT u.id, u.type, u.state, u.attempt, :worker_id AS worker_id,
-           pg_notify('spool_events', u.id::text)::text AS n,
-           CASE WHEN u.state = 'queued'
-                THEN pg_notify('spool_jobs', u.type)::text END AS nq
-    FROM u
-    """
-)
+# Every worker outcome is a transition of control.store.machine, applied to a
+# whole batch of attempts in one statement. Its compare-and-set: the job must
+# still be RUNNING this very attempt on this very worker, else the message is
+# stale and is refused (recorded as IGNORED).
 
 # Fencing: a refused message changes nothing but the job's history, where it is
 # appended as an IGNORED event (if the job still exists) — at most
-# MAX_IGNORED_EVENTS_PER_ATTEMPT of them per attempt, so a zombie or a worker
-# resending a stale outcome cannot grow a job's history without limit.
+# MAX_IGNORED_EVENTS_PER_ATTEMPT of them per attempt (one per job per
+# statement), so a zombie or a worker resending a stale outcome cannot grow a
+# job's history without limit.
 _IGNORED_SQL = sa.text(
-    """
-    WITH u AS (
-        UPDATE jobs SET last_seq = last_seq + 1
-        WHERE id = CAST(:id AS uuid)
-          AND (SELECT count(*) FROM job_events AS e
-               WHERE e.job_id = CAST(:id AS uuid) AND e.kind = 'ignored'
-                 AND e.attempt = :attempt) < :max_events
-        RETURNING id, last_seq
+    f"""
+    WITH t AS (
+        SELECT DISTINCT ON (x.id) x.id, x.attempt, x.message
+        FROM unnest(CAST(:id AS uuid[]), CAST(:attempt AS int[]), CAST(:message AS text[]))
+             AS x(id, attempt, message)
+        WHERE (SELECT count(*) FROM job_events AS e
+               WHERE e.job_id = x.id AND e.kind = 'ignored' AND e.attempt = x.attempt)
+              < :max_events
+        ORDER BY x.id
+    ),
+    u AS (
+        UPDATE jobs AS j SET last_seq = j.last_seq + 1
+        FROM t WHERE j.id = t.id
+        RETURNING j.id, j.last_seq, t.attempt, t.message
+    ),
+    events AS (
+        INSERT INTO job_events (job_id, seq, kind, attempt, worker_id, message, created_at)
+        SELECT id, last_seq, 'ignored', attempt, :worker_id, message, CAST(:now AS timestamptz)
+        FROM u
+    ),
+    notes AS (
+        {machine.notify_sql(machine.EVENTS, "u")}
     )
-    INSERT INTO job_events (job_id, seq, kind, attempt, worker_id, message, created_at)
-    SELECT id, last_seq, 'ignored', :attempt, :worker_id, :message, CAST(:now AS timestamptz)
-    FROM u
-    RETURNING job_id, pg_notify('spool_events', job_id::text)::text AS n
+    SELECT u.id, u.attempt, (SELECT count(*) FROM notes) AS notified FROM u
     """
 )
 
@@ -586,13 +408,14 @@ MAX_IGNORED_EVENTS_PER_ATTEMPT = 3
 
 
 def transition_from_row(row: Any) -> Transition:
-    """A RETURNING row (id, type, state, attempt, worker_id) as a Transition."""
+    """A RETURNING row (id, type, state, attempt, and prev_worker or worker_id)."""
+    m = row._mapping
     return Transition(
-        job_id=str(row.id),
-        job_type=row.type,
-        state=row.state,
-        attempt=row.attempt,
-        worker_id=row.worker_id,
+        job_id=str(m["id"]),
+        job_type=m["type"],
+        state=m["state"],
+        attempt=m["attempt"],
+        worker_id=m["prev_worker"] if "prev_worker" in m else m["worker_id"],
     )
 
 
@@ -609,36 +432,89 @@ async def record_ignored(
     Returns False when the attempt already has MAX_IGNORED_EVENTS_PER_ATTEMPT of
     them (or the job is gone): the refusal is then only logged.
     """
-    log.info("ignored from worker %s: job %s attempt %d: %s", worker_id, job_id, attempt, message)
+    return bool(await record_ignored_many(session, worker_id, [(job_id, attempt, message)], now))
+
+
+async def record_ignored_many(
+    session: AsyncSession,
+    worker_id: str,
+    refused: Sequence[tuple[str, int, str]],
+    now: datetime,
+) -> set[tuple[str, int]]:
+    """`record_ignored` for many (job_id, attempt, message) in one statement; the refs recorded."""
+    if not refused:
+        return set()
+    for job_id, attempt, message in refused:
+        log.info("ignored from worker %s: job %s attempt %d: %s", worker_id, job_id, attempt,
+                 message)  # fmt: skip
     args = {
-        "id": job_id,
-        "attempt": attempt,
+        "id": [r[0] for r in refused],
+        "attempt": [r[1] for r in refused],
+        "message": [r[2] for r in refused],
         "worker_id": worker_id,
-        "message": message,
         "now": now,
         "max_events": MAX_IGNORED_EVENTS_PER_ATTEMPT,
     }
-    return (await session.execute(_IGNORED_SQL, args)).first() is not None
+    return {(str(r.id), r.attempt) for r in await session.execute(_IGNORED_SQL, args)}
 
 
-async def _cas_or_ignore(
+async def _apply(
     session: AsyncSession,
-    sql: sa.TextClause,
-    args: dict[str, Any],
+    name: str,
+    worker_id: str,
+    rows: Sequence[dict[str, Any]],
+    now: datetime,
     what: str,
-) -> Transition | None:
-    row = (await session.execute(sql, args)).first()
-    if row is not None:
-        return transition_from_row(row)
-    await record_ignored(
-        session,
-        args["id"],
-        args["attempt"],
-        args["worker_id"],
-        f"{what} for an attempt that is not running on this worker",
-        args["now"],
-    )
-    return None
+    **args: Any,
+) -> list[Transition | None]:
+    """Apply worker transition `name` to many attempts; one Transition (or None) per row.
+
+    A row whose compare-and-set lost (stale attempt, another worker, not
+    running), or that repeats an earlier row's attempt, is refused and
+    recorded as IGNORED.
+    """
+    if not rows:
+        return []
+    firsts: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        firsts.setdefault((r["id"], r["attempt"]), r)
+    cols = ["id", *machine.TRANSITIONS[name].inputs]
+    unique = list(firsts.values())
+    params = {c: [r[c] for r in unique] for c in cols}
+    result = await session.execute(machine.STATEMENTS[name], {**params, **args, "now": now})
+    moved = {(str(r.id), r.in_attempt): transition_from_row(r) for r in result}
+    out: list[Transition | None] = []
+    taken: set[tuple[str, int]] = set()
+    for r in rows:
+        ref = (r["id"], r["attempt"])
+        got = moved.get(ref) if ref not in taken and firsts[ref] is r else None
+        taken.add(ref)
+        out.append(got)
+    stale = f"{what} for an attempt that is not running on this worker"
+    refused = [(r["id"], r["attempt"], stale) for r, t in zip(rows, out, strict=True) if t is None]
+    await record_ignored_many(session, worker_id, refused, now)
+    return out
+
+
+async def complete_attempts(
+    session: AsyncSession,
+    worker_id: str,
+    items: Sequence[tuple[str, int, Mapping[str, Any] | None, Sequence[str]]],
+    now: datetime,
+) -> list[Transition | None]:
+    """(job_id, attempt, result, outputs) of many: RUNNING → SUCCEEDED (CANCELED if a
+    cancel was requested); None where refused."""
+    rows = [
+        {
+            "id": job_id,
+            "attempt": attempt,
+            "worker_id": worker_id,
+            "result": json.dumps(dict(result or {})),
+            "outputs": json.dumps(list(outputs)),
+        }
+        for job_id, attempt, result, outputs in items
+    ]
+    return await _apply(session, "complete", worker_id, rows, now, "completion")
 
 
 async def complete_attempt(
@@ -651,15 +527,45 @@ async def complete_attempt(
     now: datetime,
 ) -> Transition | None:
     """RUNNING → SUCCEEDED (or CANCELED if cancel was requested); None when refused."""
-    args = {
-        "id": job_id,
-        "attempt": attempt,
-        "worker_id": worker_id,
-        "result": json.dumps(dict(result or {})),
-        "outputs": json.dumps(list(outputs)),
-        "now": now,
-    }
-    return await _cas_or_ignore(session, _COMPLETE_SQL, args, "completion")
+    items = [(job_id, attempt, result, outputs)]
+    return (await complete_attempts(session, worker_id, items, now))[0]
+
+
+def _backoff_args(base_s: float, max_s: float) -> dict[str, int]:
+    return {"backoff_base_ms": ms(base_s), "backoff_max_ms": ms(max_s)}
+
+
+async def fail_attempts(
+    session: AsyncSession,
+    worker_id: str,
+    items: Sequence[tuple[str, int, Mapping[str, Any], float | None]],
+    now: datetime,
+    *,
+    backoff_base_s: float = 1.0,
+    backoff_max_s: float = 60.0,
+) -> list[Transition | None]:
+    """(job_id, attempt, error, retry_delay_s) of many: RUNNING → QUEUED (retry) | FAILED |
+    CANCELED; None where refused.
+
+    `error` is the JobError as a dict (code, message, retryable); a retry waits
+    the handler's `retry_delay_s` when given (at most `backoff_max_s`), else the
+    state machine's backoff (control.store.machine.BACKOFF_MS_SQL).
+    """
+    rows = [
+        {
+            "id": job_id,
+            "attempt": attempt,
+            "worker_id": worker_id,
+            "retryable": bool(error.get("retryable")),
+            "error": json.dumps(dict(error)),
+            "delay_ms": ms(min(delay, backoff_max_s)) if delay is not None and delay > 0 else None,
+        }
+        for job_id, attempt, error, delay in items
+    ]
+    return await _apply(
+        session, "fail", worker_id, rows, now, "failure",
+        **_backoff_args(backoff_base_s, backoff_max_s),
+    )  # fmt: skip
 
 
 async def fail_attempt(
@@ -674,34 +580,53 @@ async def fail_attempt(
     backoff_base_s: float = 1.0,
     backoff_max_s: float = 60.0,
 ) -> Transition | None:
-    """RUNNING → QUEUED (retry with backoff) | FAILED | CANCELED; None when refused.
+    """RUNNING → QUEUED (retry with backoff) | FAILED | CANCELED; None when refused."""
+    moved = await fail_attempts(
+        session, worker_id, [(job_id, attempt, error, retry_delay_s)], now,
+        backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
+    )  # fmt: skip
+    return moved[0]
 
-    `error` is the JobError as a dict (code, message, retryable); a retry waits
-    the handler's `retry_delay_s` when given (at most `backoff_max_s`), else
-    exponential backoff with jitter.
-    """
-    if retry_delay_s is not None and retry_delay_s > 0:
-        delay_ms = ms(min(retry_delay_s, backoff_max_s))
-    else:
-        delay_ms = backoff_ms(attempt, backoff_base_s, backoff_max_s)
-    args = {
-        "id": job_id,
-        "attempt": attempt,
-        "worker_id": worker_id,
-        "retryable": bool(error.get("retryable")),
-        "error": json.dumps(dict(error)),
-        "delay_ms": delay_ms,
-        "now": now,
-    }
-    return await _cas_or_ignore(session, _FAIL_SQL, args, "failure")
+
+async def confirm_canceled_many(
+    session: AsyncSession, worker_id: str, items: Sequence[tuple[str, int]], now: datetime
+) -> list[Transition | None]:
+    """RUNNING with cancel requested → CANCELED (the worker confirmed); None where refused."""
+    rows = [{"id": j, "attempt": a, "worker_id": worker_id} for j, a in items]
+    return await _apply(session, "confirm_canceled", worker_id, rows, now, "cancel confirmation")
 
 
 async def confirm_canceled(
     session: AsyncSession, job_id: str, attempt: int, worker_id: str, now: datetime
 ) -> Transition | None:
     """RUNNING with cancel requested → CANCELED (the worker confirmed); None when refused."""
-    args = {"id": job_id, "attempt": attempt, "worker_id": worker_id, "now": now}
-    return await _cas_or_ignore(session, _CANCELED_SQL, args, "cancel confirmation")
+    return (await confirm_canceled_many(session, worker_id, [(job_id, attempt)], now))[0]
+
+
+async def release_attempts(
+    session: AsyncSession,
+    worker_id: str,
+    items: Sequence[tuple[str, int, str]],
+    now: datetime,
+    *,
+    by: str = "worker",
+) -> list[Transition | None]:
+    """(job_id, attempt, reason) of many: RUNNING → QUEUED at once, attempt + 1 without
+    spending the budget (CANCELED if a cancel was requested); None where refused.
+
+    `by` says who handed it back in the event message ("worker", or "control" for
+    an assignment that never left a closing stream).
+    """
+    rows = [
+        {
+            "id": job_id,
+            "attempt": attempt,
+            "worker_id": worker_id,
+            "message": f"released by {by}: {reason}" if reason else f"released by {by}",
+        }
+        for job_id, attempt, reason in items
+    ]
+    return await _apply(session, "release", worker_id, rows, now, "release")
 
 
 async def release_attempt(
@@ -714,19 +639,8 @@ async def release_attempt(
     *,
     by: str = "worker",
 ) -> Transition | None:
-    """RUNNING → QUEUED at once, attempt + 1 without spending the budget; None when refused.
-
-    `by` says who handed it back in the event message ("worker", or "control" for
-    an assignment that never left a closing stream).
-    """
-    args = {
-        "id": job_id,
-        "attempt": attempt,
-        "worker_id": worker_id,
-        "message": f"released by {by}: {reason}" if reason else f"released by {by}",
-        "now": now,
-    }
-    return await _cas_or_ignore(session, _RELEASE_SQL, args, "release")
+    """RUNNING → QUEUED at once, attempt + 1 without spending the budget; None when refused."""
+    return (await release_attempts(session, worker_id, [(job_id, attempt, reason)], now, by=by))[0]
 
 
 # Progress of many attempts of one worker in one statement: a CAS per row on

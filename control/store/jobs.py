@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from control.schema import TERMINAL_STATES, jobs, workers
+from control.store import machine
 
 #: a result row as a read-only mapping (column name -> value)
 Row = sa.RowMapping
@@ -278,115 +279,36 @@ async def transition_job(
     return row._mapping if row else None
 
 
+async def _move(session: AsyncSession, name: str, args: dict[str, Any]) -> Row | None:
+    """Transition `name` of the state machine on one job: its row, or None if the CAS lost."""
+    row = (await session.execute(machine.STATEMENTS[name], args)).first()
+    return row._mapping if row else None
+
+
 async def cancel_queued_job(
     session: AsyncSession, tenant: str, job_id: uuid.UUID, attempt: int, reason: str = ""
 ) -> Row | None:
     """QUEUED → CANCELED at once; None when the job is no longer QUEUED at that attempt."""
-    return await transition_job(
-        session,
-        job_id,
-        tenant=tenant,
-        from_states=("queued",),
-        to_state="canceled",
-        attempt=attempt,
-        message=reason,
-    )
-
-
-# Flag a RUNNING attempt for cancellation: the worker holding it hears of it
-# through spool_cancel and stops the handler; CANCELED follows from the worker
-# (or from the grace-period enforcer). A second request is a no-op.
-_REQUEST_CANCEL_SQL = sa.text(
-    """
-    WITH u AS (
-        UPDATE jobs SET
-            cancel_requested = true,
-            cancel_requested_at = now(),
-            updated_at = now(),
-            last_seq = last_seq + 1
-        WHERE id = :id AND tenant = :tenant AND state = 'running' AND attempt = :attempt
-          AND NOT cancel_requested
-        RETURNING *
-    ),
-    events AS (
-        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, message)
-        SELECT id, last_seq, 'cancel_requested', state, attempt, worker_id, :reason FROM u
-    )
-    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n,
-           pg_notify('spool_cancel', u.id::text)::text AS nc
-    FROM u
-    """
-).columns(**_JOB_TYPES)
+    args = {"id": [job_id], "tenant": [tenant], "attempt": [attempt], "message": [reason]}
+    return await _move(session, "cancel_queued", args)
 
 
 async def request_cancel(
     session: AsyncSession, tenant: str, job_id: uuid.UUID, attempt: int, reason: str = ""
 ) -> Row | None:
-    """Set cancel_requested on a RUNNING attempt; None if it is not running (or already asked)."""
-    res = await session.execute(
-        _REQUEST_CANCEL_SQL,
-        {"id": job_id, "tenant": tenant, "attempt": attempt, "reason": reason},
-    )
-    row = res.first()
-    return row._mapping if row else None
+    """Set cancel_requested on a RUNNING attempt; None if it is not running (or already asked).
 
-
-# FAILED/CANCELED -> QUEUED with a fresh attempt budget. The budget B is how
-# many attempts the job had: max_attempts - (attempt where the budget started)
-# + 1, the start being the attempt of the latest Retry event (else 1). The new
-# attempt is attempt + 1 and max_attempts becomes attempt + B, so dispatch's
-# "attempt < max_attempts" rule grants B more attempts.
-_RETRY_SQL = sa.text(
+    The worker holding it hears of it through spool_cancel and stops the handler;
+    CANCELED follows from the worker (or from the grace-period enforcer).
     """
-    WITH cur AS (
-        SELECT j.id, j.attempt, j.max_attempts,
-               coalesce((SELECT max(e.attempt) FROM job_events AS e
-                         WHERE e.job_id = j.id AND e.kind = 'state' AND e.state = 'queued'
-                           AND e.message = :retry_message), 1) AS budget_start
-        FROM jobs AS j
-        WHERE j.id = :id AND j.tenant = :tenant AND j.state IN ('failed', 'canceled')
-        FOR UPDATE
-    ),
-    u AS (
-        UPDATE jobs AS j SET
-            state = 'queued',
-            attempt = j.attempt + 1,
-            max_attempts = j.attempt + greatest(cur.max_attempts - cur.budget_start + 1, 1),
-            not_before = now(),
-            cancel_requested = false,
-            cancel_requested_at = NULL,
-            progress = NULL,
-            result = NULL,
-            error = NULL,
-            worker_id = NULL,
-            started_at = NULL,
-            finished_at = NULL,
-            lease_expires_at = NULL,
-            deadline_at = NULL,
-            updated_at = now(),
-            last_seq = j.last_seq + 1
-        FROM cur
-        WHERE j.id = cur.id AND j.state IN ('failed', 'canceled')
-        RETURNING j.*
-    ),
-    events AS (
-        INSERT INTO job_events (job_id, seq, kind, state, attempt, message)
-        SELECT id, last_seq, 'state', 'queued', attempt, :retry_message FROM u
-    )
-    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n,
-           pg_notify('spool_jobs', u.type)::text AS nq
-    FROM u
-    """
-).columns(**_JOB_TYPES)
+    args = {"id": [job_id], "tenant": [tenant], "attempt": [attempt], "message": [reason]}
+    return await _move(session, "request_cancel", args)
 
 
 async def retry_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> Row | None:
     """Requeue a FAILED or CANCELED job with a fresh budget; None if it is in another state."""
-    res = await session.execute(
-        _RETRY_SQL, {"id": job_id, "tenant": tenant, "retry_message": RETRY_MESSAGE}
-    )
-    row = res.first()
-    return row._mapping if row else None
+    args = {"id": [job_id], "tenant": [tenant], "message": [RETRY_MESSAGE]}
+    return await _move(session, "retry", args)
 
 
 # ---------------------------------------------------------------- delete + retention

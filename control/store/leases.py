@@ -1,9 +1,10 @@
 """The SQL of leases: what runs where, and the reapers that take work back.
 
-Functions take a session and never commit. The reapers lock the rows they move
-with SKIP LOCKED and move them with one conditional UPDATE each (bumping
-`last_seq`, appending the STATE event, NOTIFYing in the same statement), so
-every replica can run them at once and a job is still moved only once.
+Functions take a session and never commit. The reapers are transitions of the
+state machine (control.store.machine): they lock the rows they move with SKIP
+LOCKED and move a batch with one conditional UPDATE (bumping `last_seq`,
+appending the STATE events, NOTIFYing in the same statement), so every replica
+can run them at once and a job is still moved only once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control.store import machine
 from control.store.dispatch import Transition, ms, transition_from_row
 
 # Error codes the control plane sets itself (JobError.code).
@@ -89,78 +91,21 @@ async def attempts_to_stop(
 
 # ---------------------------------------------------------------------- reapers
 
-# Shared shape of the reapers: pick RUNNING rows matching a condition (skipping
-# rows another replica's reaper or a worker message holds: their transition is in
-# flight), then move each to QUEUED (attempt + 1) while attempts are left, else
-# FAILED; a job whose cancel was requested becomes CANCELED instead. Then tell the
-# holder to stop (spool_cancel) and idle workers that work is back (spool_jobs).
-_REQUEUE_SQL = """
-    WITH picked AS (
-        SELECT j.id, j.worker_id AS old_worker
-        FROM jobs AS j
-        WHERE j.state = 'running' AND ({where})
-        ORDER BY j.id
-        LIMIT :batch
-        FOR UPDATE SKIP LOCKED
-    ),
-    u AS (
-        UPDATE jobs AS j SET
-            state = CASE WHEN j.cancel_requested THEN 'canceled'
-                         WHEN j.attempt < j.max_attempts THEN 'queued'
-                         ELSE 'failed' END,
-            attempt = j.attempt + CASE WHEN NOT j.cancel_requested
-                                        AND j.attempt < j.max_attempts THEN 1 ELSE 0 END,
-            not_before = CASE WHEN NOT j.cancel_requested AND j.attempt < j.max_attempts
-                THEN CAST(:now AS timestamptz) + least(:backoff_max_ms,
-                         :backoff_base_ms * power(2, j.attempt - 1))
-                     * (0.5 + random() / 2) * interval '1 millisecond'
-                ELSE j.not_before END,
-            worker_id = CASE WHEN NOT j.cancel_requested AND j.attempt < j.max_attempts
-                             THEN NULL ELSE j.worker_id END,
-            progress = CASE WHEN NOT j.cancel_requested AND j.attempt < j.max_attempts
-                            THEN NULL ELSE j.progress END,
-            error = CASE WHEN j.cancel_requested THEN j.error
-                         ELSE CAST(:error AS jsonb) END,
-            finished_at = CASE WHEN NOT j.cancel_requested AND j.attempt < j.max_attempts
-                               THEN NULL ELSE CAST(:now AS timestamptz) END,
-            updated_at = CAST(:now AS timestamptz),
-            lease_expires_at = NULL,
-            deadline_at = NULL,
-            last_seq = j.last_seq + 1
-        FROM picked
-        WHERE j.id = picked.id
-        RETURNING j.id, j.type, j.state, j.attempt, j.error, j.last_seq, picked.old_worker
-    ),
-    events AS (
-        INSERT INTO job_events
-            (job_id, seq, kind, state, attempt, error, worker_id, message, created_at)
-        SELECT id, last_seq, 'state', state, attempt, error, old_worker, :message,
-               CAST(:now AS timestamptz)
-        FROM u
-    )
-    SELECT u.id, u.type, u.state, u.attempt, u.old_worker AS worker_id,
-           pg_notify('spool_events', u.id::text)::text AS n,
-           pg_notify('spool_cancel', u.id::text)::text AS nc,
-           CASE WHEN u.state = 'queued' THEN pg_notify('spool_jobs', u.type)::text END AS nq
-    FROM u
-"""
-
-_REAP_LEASES_SQL = sa.text(
-    _REQUEUE_SQL.format(where="j.lease_expires_at < CAST(:now AS timestamptz)")
-)
-_REAP_DEADLINES_SQL = sa.text(
-    _REQUEUE_SQL.format(where="j.deadline_at <= CAST(:now AS timestamptz)")
-)
-_REQUEUE_LOST_SQL = sa.text(
-    _REQUEUE_SQL.format(
-        where="j.worker_id = :worker_id AND (j.id, j.attempt) NOT IN ("
-        "SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])))"
-    )
-)
+# The reapers are transitions of control.store.machine that pick their rows
+# (RUNNING rows matching a condition, skipping rows another replica's reaper or
+# a worker message holds: their transition is in flight), then move each to
+# QUEUED (attempt + 1) while attempts are left, else FAILED; a job whose cancel
+# was requested becomes CANCELED instead. They tell the holder to stop
+# (spool_cancel) and idle workers that work is back (spool_jobs).
 
 
 def _error_json(code: str, message: str, retryable: bool = True) -> str:
     return json.dumps({"code": code, "message": message, "retryable": retryable})
+
+
+async def _reap(session: AsyncSession, name: str, args: dict[str, Any]) -> list[Transition]:
+    rows = await session.execute(machine.STATEMENTS[name], args)
+    return [transition_from_row(r) for r in rows]
 
 
 async def reap_expired_leases(
@@ -176,9 +121,8 @@ async def reap_expired_leases(
         "backoff_base_ms": 0,
         "backoff_max_ms": 0,
         "error": _error_json(LEASE_EXPIRED, "the worker stopped renewing its lease"),
-        "message": "lease expired",
     }
-    return [transition_from_row(r) for r in await session.execute(_REAP_LEASES_SQL, args)]
+    return await _reap(session, "reap_lease", args)
 
 
 async def reap_deadlines(
@@ -197,9 +141,8 @@ async def reap_deadlines(
         "backoff_base_ms": ms(backoff_base_s),
         "backoff_max_ms": ms(backoff_max_s),
         "error": _error_json(DEADLINE_EXCEEDED, "the attempt ran past its timeout"),
-        "message": "timeout",
     }
-    return [transition_from_row(r) for r in await session.execute(_REAP_DEADLINES_SQL, args)]
+    return await _reap(session, "reap_deadline", args)
 
 
 async def requeue_lost_attempts(
@@ -220,53 +163,17 @@ async def requeue_lost_attempts(
         "backoff_base_ms": 0,
         "backoff_max_ms": 0,
         "error": _error_json(WORKER_LOST, "the worker restarted without this attempt"),
-        "message": "worker lost the attempt",
     }
-    return [transition_from_row(r) for r in await session.execute(_REQUEUE_LOST_SQL, args)]
-
-
-# Cancel requested and the grace period over: CANCELED without the worker's word.
-_FORCE_CANCEL_SQL = sa.text(
-    """
-    WITH picked AS (
-        SELECT j.id FROM jobs AS j
-        WHERE j.state = 'running' AND j.cancel_requested
-          AND j.cancel_requested_at <= CAST(:now AS timestamptz)
-              - :grace_ms * interval '1 millisecond'
-        ORDER BY j.id
-        LIMIT :batch
-        FOR UPDATE SKIP LOCKED
-    ),
-    u AS (
-        UPDATE jobs AS j SET
-            state = 'canceled',
-            finished_at = CAST(:now AS timestamptz),
-            updated_at = CAST(:now AS timestamptz),
-            lease_expires_at = NULL,
-            deadline_at = NULL,
-            last_seq = j.last_seq + 1
-        FROM picked WHERE j.id = picked.id
-        RETURNING j.id, j.type, j.state, j.attempt, j.worker_id, j.last_seq
-    ),
-    events AS (
-        INSERT INTO job_events (job_id, seq, kind, state, attempt, worker_id, message, created_at)
-        SELECT id, last_seq, 'state', state, attempt, worker_id, 'cancel grace period over',
-               CAST(:now AS timestamptz)
-        FROM u
-    )
-    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n,
-           pg_notify('spool_cancel', u.id::text)::text AS nc
-    FROM u
-    """
-)
+    return await _reap(session, "requeue_lost", args)
 
 
 async def force_cancel_overdue(
     session: AsyncSession, now: datetime, *, grace_s: float, batch: int = REAP_BATCH
 ) -> list[Transition]:
     """RUNNING jobs whose cancel was requested more than `grace_s` ago → CANCELED."""
-    args = {"now": now, "grace_ms": ms(grace_s), "batch": batch}
-    return [transition_from_row(r) for r in await session.execute(_FORCE_CANCEL_SQL, args)]
+    return await _reap(
+        session, "force_cancel", {"now": now, "grace_ms": ms(grace_s), "batch": batch}
+    )
 
 
 # After the database was unreachable: every running attempt gets at least one

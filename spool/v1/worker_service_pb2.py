@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from spool.v1 import job_pb2 as spool_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspool/v1/worker_service.proto\x12\x08spool.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12spool/v1/job.proto\"-\n\nAttemptRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\xe0\t\n\x0e\x43onnectRequest\x12/\n\x05hello\x18\x01 \x01(\x0b\x32\x1e.spool.v1.ConnectRequest.HelloH\x00\x12/\n\x05ready\x18\x02 \x01(\x0b\x32\x1e.spool.v1.ConnectRequest.ReadyH\x00\x12;\n\x08progress\x18\x03 \x01(\x0b\x32\'.spool.v1.ConnectRequest.ProgressUpdateH\x00\x12\x37\n\theartbeat\x18\x04 \x01(\x0b\x32\".spool.v1.ConnectRequest.HeartbeatH\x00\x12\x37\n\tcompleted\x18\x05 \x01(\x0b\x32\".spool.v1.ConnectRequest.CompletedH\x00\x12\x31\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x1f.spool.v1.ConnectRequest.FailedH\x00\x12\x35\n\x08released\x18\x07 \x01(\x0b\x32!.spool.v1.ConnectRequest.ReleasedH\x00\x12\x35\n\x08\x63\x61nceled\x18\x08 \x01(\x0b\x32!.spool.v1.ConnectRequest.CanceledH\x00\x1a\x8f\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.spool.v1.ConnectRequest.Hello.LabelsEntry\x12\x11\n\tjob_types\x18\x04 \x03(\t\x12\r\n\x05slots\x18\x05 \x01(\x05\x12 \n\x06\x64\x65vice\x18\x06 \x01(\x0b\x32\x10.spool.v1.Device\x12\x0f\n\x07version\x18\x07 \x01(\t\x12%\n\x07running\x18\x08 \x03(\x0b\x32\x14.spool.v1.AttemptRef\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x18\n\x05Ready\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x05\x1aY\n\x0eProgressUpdate\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12$\n\x08progress\x18\x02 \x01(\x0b\x32\x12.spool.v1.Progress\x1a\x32\n\tHeartbeat\x12%\n\x07running\x18\x01 \x03(\x0b\x32\x14.spool.v1.AttemptRef\x1ah\n\tCompleted\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x1a~\n\x06\x46\x61iled\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.spool.v1.JobError\x12.\n\x0bretry_delay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a=\n\x08Released\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\x1a-\n\x08\x43\x61nceled\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRefB\t\n\x07message\"\xbe\x06\n\x0f\x43onnectResponse\x12\x34\n\x07welcome\x18\x01 \x01(\x0b\x32!.spool.v1.ConnectResponse.WelcomeH\x00\x12\x32\n\x06\x61ssign\x18\x02 \x01(\x0b\x32 .spool.v1.ConnectResponse.AssignH\x00\x12\x32\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32 .spool.v1.ConnectResponse.CancelH\x00\x12\x30\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x1f.spool.v1.ConnectResponse.DrainH\x00\x12,\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x1d.spool.v1.ConnectResponse.AckH\x00\x1a\x9f\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x63ontrol_replica\x18\x04 \x01(\t\x1ai\n\x06\x41ssign\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.spool.v1.Job\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x32\n\x0elease_deadline\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1al\n\x06\x43\x61ncel\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0cgrace_period\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x1a\x8d\x01\n\x03\x41\x63k\x12\x37\n\x08outcomes\x18\x01 \x03(\x0b\x32%.spool.v1.ConnectResponse.Ack.Outcome\x1aM\n\x07Outcome\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\tB\t\n\x07message2S\n\rWorkerService\x12\x42\n\x07\x43onnect\x12\x18.spool.v1.ConnectRequest\x1a\x19.spool.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspool/v1/worker_service.proto\x12\x08spool.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12spool/v1/job.proto\"-\n\nAttemptRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\xf1\n\n\x0e\x43onnectRequest\x12/\n\x05hello\x18\x01 \x01(\x0b\x32\x1e.spool.v1.ConnectRequest.HelloH\x00\x12/\n\x05ready\x18\x02 \x01(\x0b\x32\x1e.spool.v1.ConnectRequest.ReadyH\x00\x12;\n\x08progress\x18\x03 \x01(\x0b\x32\'.spool.v1.ConnectRequest.ProgressUpdateH\x00\x12\x37\n\theartbeat\x18\x04 \x01(\x0b\x32\".spool.v1.ConnectRequest.HeartbeatH\x00\x12\x37\n\tcompleted\x18\x05 \x01(\x0b\x32\".spool.v1.ConnectRequest.CompletedH\x00\x12\x31\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x1f.spool.v1.ConnectRequest.FailedH\x00\x12\x35\n\x08released\x18\x07 \x01(\x0b\x32!.spool.v1.ConnectRequest.ReleasedH\x00\x12\x35\n\x08\x63\x61nceled\x18\x08 \x01(\x0b\x32!.spool.v1.ConnectRequest.CanceledH\x00\x12/\n\x05\x62\x61tch\x18\t \x01(\x0b\x32\x1e.spool.v1.ConnectRequest.BatchH\x00\x1a\xba\x02\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.spool.v1.ConnectRequest.Hello.LabelsEntry\x12\x11\n\tjob_types\x18\x04 \x03(\t\x12\r\n\x05slots\x18\x05 \x01(\x05\x12 \n\x06\x64\x65vice\x18\x06 \x01(\x0b\x32\x10.spool.v1.Device\x12\x0f\n\x07version\x18\x07 \x01(\t\x12%\n\x07running\x18\x08 \x03(\x0b\x32\x14.spool.v1.AttemptRef\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\t \x01(\x08\x12\x10\n\x08prefetch\x18\n \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x18\n\x05Ready\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x05\x1aY\n\x0eProgressUpdate\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12$\n\x08progress\x18\x02 \x01(\x0b\x32\x12.spool.v1.Progress\x1a\x32\n\tHeartbeat\x12%\n\x07running\x18\x01 \x03(\x0b\x32\x14.spool.v1.AttemptRef\x1ah\n\tCompleted\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07outputs\x18\x03 \x03(\t\x1a~\n\x06\x46\x61iled\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.spool.v1.JobError\x12.\n\x0bretry_delay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a=\n\x08Released\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\x1a-\n\x08\x43\x61nceled\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x1a\x33\n\x05\x42\x61tch\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.spool.v1.ConnectRequestB\t\n\x07message\"\xbf\x07\n\x0f\x43onnectResponse\x12\x34\n\x07welcome\x18\x01 \x01(\x0b\x32!.spool.v1.ConnectResponse.WelcomeH\x00\x12\x32\n\x06\x61ssign\x18\x02 \x01(\x0b\x32 .spool.v1.ConnectResponse.AssignH\x00\x12\x32\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32 .spool.v1.ConnectResponse.CancelH\x00\x12\x30\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x1f.spool.v1.ConnectResponse.DrainH\x00\x12,\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x1d.spool.v1.ConnectResponse.AckH\x00\x12\x30\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x1f.spool.v1.ConnectResponse.BatchH\x00\x1a\xb8\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\x0elease_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x63ontrol_replica\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x05 \x01(\x08\x1ai\n\x06\x41ssign\x12\x1a\n\x03job\x18\x01 \x01(\x0b\x32\r.spool.v1.Job\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x32\n\x0elease_deadline\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1al\n\x06\x43\x61ncel\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\x0cgrace_period\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x1a\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\x1a\x8d\x01\n\x03\x41\x63k\x12\x37\n\x08outcomes\x18\x01 \x03(\x0b\x32%.spool.v1.ConnectResponse.Ack.Outcome\x1aM\n\x07Outcome\x12!\n\x03ref\x18\x01 \x01(\x0b\x32\x14.spool.v1.AttemptRef\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x1a\x34\n\x05\x42\x61tch\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.spool.v1.ConnectResponseB\t\n\x07message2S\n\rWorkerService\x12\x42\n\x07\x43onnect\x12\x18.spool.v1.ConnectRequest\x1a\x19.spool.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,39 +40,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTEMPTREF']._serialized_start=158
   _globals['_ATTEMPTREF']._serialized_end=203
   _globals['_CONNECTREQUEST']._serialized_start=206
-  _globals['_CONNECTREQUEST']._serialized_end=1454
-  _globals['_CONNECTREQUEST_HELLO']._serialized_start=659
-  _globals['_CONNECTREQUEST_HELLO']._serialized_end=930
-  _globals['_CONNECTREQUEST_HELLO_LABELSENTRY']._serialized_start=885
-  _globals['_CONNECTREQUEST_HELLO_LABELSENTRY']._serialized_end=930
-  _globals['_CONNECTREQUEST_READY']._serialized_start=932
-  _globals['_CONNECTREQUEST_READY']._serialized_end=956
-  _globals['_CONNECTREQUEST_PROGRESSUPDATE']._serialized_start=958
-  _globals['_CONNECTREQUEST_PROGRESSUPDATE']._serialized_end=1047
-  _globals['_CONNECTREQUEST_HEARTBEAT']._serialized_start=1049
-  _globals['_CONNECTREQUEST_HEARTBEAT']._serialized_end=1099
-  _globals['_CONNECTREQUEST_COMPLETED']._serialized_start=1101
-  _globals['_CONNECTREQUEST_COMPLETED']._serialized_end=1205
-  _globals['_CONNECTREQUEST_FAILED']._serialized_start=1207
-  _globals['_CONNECTREQUEST_FAILED']._serialized_end=1333
-  _globals['_CONNECTREQUEST_RELEASED']._serialized_start=1335
-  _globals['_CONNECTREQUEST_RELEASED']._serialized_end=1396
-  _globals['_CONNECTREQUEST_CANCELED']._serialized_start=1398
-  _globals['_CONNECTREQUEST_CANCELED']._serialized_end=1443
-  _globals['_CONNECTRESPONSE']._serialized_start=1457
-  _globals['_CONNECTRESPONSE']._serialized_end=2287
-  _globals['_CONNECTRESPONSE_WELCOME']._serialized_start=1731
-  _globals['_CONNECTRESPONSE_WELCOME']._serialized_end=1890
-  _globals['_CONNECTRESPONSE_ASSIGN']._serialized_start=1892
-  _globals['_CONNECTRESPONSE_ASSIGN']._serialized_end=1997
-  _globals['_CONNECTRESPONSE_CANCEL']._serialized_start=1999
-  _globals['_CONNECTRESPONSE_CANCEL']._serialized_end=2107
-  _globals['_CONNECTRESPONSE_DRAIN']._serialized_start=2109
-  _globals['_CONNECTRESPONSE_DRAIN']._serialized_end=2132
-  _globals['_CONNECTRESPONSE_ACK']._serialized_start=2135
-  _globals['_CONNECTRESPONSE_ACK']._serialized_end=2276
-  _globals['_CONNECTRESPONSE_ACK_OUTCOME']._serialized_start=2199
-  _globals['_CONNECTRESPONSE_ACK_OUTCOME']._serialized_end=2276
-  _globals['_WORKERSERVICE']._serialized_start=2289
-  _globals['_WORKERSERVICE']._serialized_end=2372
+  _globals['_CONNECTREQUEST']._serialized_end=1599
+  _globals['_CONNECTREQUEST_HELLO']._serialized_start=708
+  _globals['_CONNECTREQUEST_HELLO']._serialized_end=1022
+  _globals['_CONNECTREQUEST_HELLO_LABELSENTRY']._serialized_start=977
+  _globals['_CONNECTREQUEST_HELLO_LABELSENTRY']._serialized_end=1022
+  _globals['_CONNECTREQUEST_READY']._serialized_start=1024
+  _globals['_CONNECTREQUEST_READY']._serialized_end=1048
+  _globals['_CONNECTREQUEST_PROGRESSUPDATE']._serialized_start=1050
+  _globals['_CONNECTREQUEST_PROGRESSUPDATE']._serialized_end=1139
+  _globals['_CONNECTREQUEST_HEARTBEAT']._serialized_start=1141
+  _globals['_CONNECTREQUEST_HEARTBEAT']._serialized_end=1191
+  _globals['_CONNECTREQUEST_COMPLETED']._serialized_start=1193
+  _globals['_CONNECTREQUEST_COMPLETED']._serialized_end=1297
+  _globals['_CONNECTREQUEST_FAILED']._serialized_start=1299
+  _globals['_CONNECTREQUEST_FAILED']._serialized_end=1425
+  _globals['_CONNECTREQUEST_RELEASED']._serialized_start=1427
+  _globals['_CONNECTREQUEST_RELEASED']._serialized_end=1488
+  _globals['_CONNECTREQUEST_CANCELED']._serialized_start=1490
+  _globals['_CONNECTREQUEST_CANCELED']._serialized_end=1535
+  _globals['_CONNECTREQUEST_BATCH']._serialized_start=1537
+  _globals['_CONNECTREQUEST_BATCH']._serialized_end=1588
+  _globals['_CONNECTRESPONSE']._serialized_start=1602
+  _globals['_CONNECTRESPONSE']._serialized_end=2561
+  _globals['_CONNECTRESPONSE_WELCOME']._serialized_start=1926
+  _globals['_CONNECTRESPONSE_WELCOME']._serialized_end=2110
+  _globals['_CONNECTRESPONSE_ASSIGN']._serialized_start=2112
+  _globals['_CONNECTRESPONSE_ASSIGN']._serialized_end=2217
+  _globals['_CONNECTRESPONSE_CANCEL']._serialized_start=2219
+  _globals['_CONNECTRESPONSE_CANCEL']._serialized_end=2327
+  _globals['_CONNECTRESPONSE_DRAIN']._serialized_start=2329
+  _globals['_CONNECTRESPONSE_DRAIN']._serialized_end=2352
+  _globals['_CONNECTRESPONSE_ACK']._serialized_start=2355
+  _globals['_CONNECTRESPONSE_ACK']._serialized_end=2496
+  _globals['_CONNECTRESPONSE_ACK_OUTCOME']._serialized_start=2419
+  _globals['_CONNECTRESPONSE_ACK_OUTCOME']._serialized_end=2496
+  _globals['_CONNECTRESPONSE_BATCH']._serialized_start=2498
+  _globals['_CONNECTRESPONSE_BATCH']._serialized_end=2550
+  _globals['_WORKERSERVICE']._serialized_start=2563
+  _globals['_WORKERSERVICE']._serialized_end=2646
 # @@protoc_insertion_point(module_scope)

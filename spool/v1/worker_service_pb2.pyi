@@ -86,11 +86,21 @@ class ConnectRequest(_message.Message):
         DEVICE_FIELD_NUMBER: _builtins.int
         VERSION_FIELD_NUMBER: _builtins.int
         RUNNING_FIELD_NUMBER: _builtins.int
+        ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
+        PREFETCH_FIELD_NUMBER: _builtins.int
         worker_id: _builtins.str
         """Stable across restarts of the same worker."""
         name: _builtins.str
         slots: _builtins.int
         version: _builtins.str
+        accepts_batches: _builtins.bool
+        """The worker reads `ConnectResponse.Batch`: control may send it many
+        messages (Assigns, Acks, Cancels) in one.
+        """
+        prefetch: _builtins.int
+        """Jobs the worker takes beyond its free slots, to start as soon as one
+        frees (credits never exceed slots + prefetch).
+        """
         @_builtins.property
         def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
         @_builtins.property
@@ -112,10 +122,12 @@ class ConnectRequest(_message.Message):
             device: _job_pb2.Device | None = ...,
             version: _builtins.str = ...,
             running: _abc.Iterable[Global___AttemptRef] | None = ...,
+            accepts_batches: _builtins.bool = ...,
+            prefetch: _builtins.int = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "job_types", b"job_types", "labels", b"labels", "name", b"name", "running", b"running", "slots", b"slots", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "device", b"device", "job_types", b"job_types", "labels", b"labels", "name", b"name", "prefetch", b"prefetch", "running", b"running", "slots", b"slots", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -277,6 +289,29 @@ class ConnectRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class Batch(_message.Message):
+        """Many messages in one, applied in order exactly as if sent one by one
+        (outcomes, progress, credits, heartbeats; never a Hello or another Batch).
+        Sent only to a control plane whose Welcome says `accepts_batches`.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        MESSAGES_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectRequest]: ...
+        def __init__(
+            self,
+            *,
+            messages: _abc.Iterable[Global___ConnectRequest] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     HELLO_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
@@ -285,6 +320,7 @@ class ConnectRequest(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     RELEASED_FIELD_NUMBER: _builtins.int
     CANCELED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___ConnectRequest.Hello: ...
     @_builtins.property
@@ -301,6 +337,8 @@ class ConnectRequest(_message.Message):
     def released(self) -> Global___ConnectRequest.Released: ...
     @_builtins.property
     def canceled(self) -> Global___ConnectRequest.Canceled: ...
+    @_builtins.property
+    def batch(self) -> Global___ConnectRequest.Batch: ...
     def __init__(
         self,
         *,
@@ -312,12 +350,13 @@ class ConnectRequest(_message.Message):
         failed: Global___ConnectRequest.Failed | None = ...,
         released: Global___ConnectRequest.Released | None = ...,
         canceled: Global___ConnectRequest.Canceled | None = ...,
+        batch: Global___ConnectRequest.Batch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "ready", b"ready", "released", b"released"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "canceled", b"canceled", "completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "ready", b"ready", "released", b"released"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "ready", b"ready", "released", b"released"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "canceled", b"canceled", "completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "ready", b"ready", "released", b"released"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ready", "progress", "heartbeat", "completed", "failed", "released", "canceled"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "ready", "progress", "heartbeat", "completed", "failed", "released", "canceled", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -337,8 +376,11 @@ class ConnectResponse(_message.Message):
         LEASE_DURATION_FIELD_NUMBER: _builtins.int
         HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
         CONTROL_REPLICA_FIELD_NUMBER: _builtins.int
+        ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
         worker_id: _builtins.str
         control_replica: _builtins.str
+        accepts_batches: _builtins.bool
+        """Control reads `ConnectRequest.Batch`."""
         @_builtins.property
         def lease_duration(self) -> _duration_pb2.Duration: ...
         @_builtins.property
@@ -350,10 +392,11 @@ class ConnectResponse(_message.Message):
             lease_duration: _duration_pb2.Duration | None = ...,
             heartbeat_interval: _duration_pb2.Duration | None = ...,
             control_replica: _builtins.str = ...,
+            accepts_batches: _builtins.bool = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["control_replica", b"control_replica", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "worker_id", b"worker_id"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "control_replica", b"control_replica", "heartbeat_interval", b"heartbeat_interval", "lease_duration", b"lease_duration", "worker_id", b"worker_id"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -479,11 +522,35 @@ class ConnectResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class Batch(_message.Message):
+        """Many messages in one, in order (Assigns of one claim, Acks, Cancels; never
+        a Welcome or another Batch). Sent only to a worker whose Hello says
+        `accepts_batches`.
+        """
+
+        DESCRIPTOR: _descriptor.Descriptor
+
+        MESSAGES_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectResponse]: ...
+        def __init__(
+            self,
+            *,
+            messages: _abc.Iterable[Global___ConnectResponse] | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WELCOME_FIELD_NUMBER: _builtins.int
     ASSIGN_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___ConnectResponse.Welcome: ...
     @_builtins.property
@@ -494,6 +561,8 @@ class ConnectResponse(_message.Message):
     def drain(self) -> Global___ConnectResponse.Drain: ...
     @_builtins.property
     def ack(self) -> Global___ConnectResponse.Ack: ...
+    @_builtins.property
+    def batch(self) -> Global___ConnectResponse.Batch: ...
     def __init__(
         self,
         *,
@@ -502,12 +571,13 @@ class ConnectResponse(_message.Message):
         cancel: Global___ConnectResponse.Cancel | None = ...,
         drain: Global___ConnectResponse.Drain | None = ...,
         ack: Global___ConnectResponse.Ack | None = ...,
+        batch: Global___ConnectResponse.Batch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "cancel", b"cancel", "drain", b"drain", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "batch", b"batch", "cancel", b"cancel", "drain", b"drain", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "cancel", b"cancel", "drain", b"drain", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assign", b"assign", "batch", b"batch", "cancel", b"cancel", "drain", b"drain", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assign", "cancel", "drain", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "assign", "cancel", "drain", "ack", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

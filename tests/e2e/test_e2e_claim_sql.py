@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from control.db import Database
 from control.store import dispatch as store
+from control.store import machine
 
 
 @pytest.fixture
@@ -102,8 +103,16 @@ async def test_saturated_key_does_not_starve_other_jobs(db):
     assert sorted(str(j["id"]) for j in second.jobs) == sorted(plain)
 
 
-def test_backoff_doubles_with_jitter_and_a_cap():
+async def test_backoff_doubles_with_jitter_and_a_cap(db):
+    # The one backoff of the state machine, evaluated by Postgres as the
+    # transitions do (`j` is the job row).
+    query = sa.text(
+        f"SELECT {machine.BACKOFF_MS_SQL} AS ms"
+        " FROM (SELECT CAST(:attempt AS int) AS attempt) AS j, generate_series(1, 200)"
+    )
     for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (8, 60.0), (30, 60.0)]:
-        delays = [store.backoff_ms(attempt, 1.0, 60.0) / 1000 for _ in range(200)]
+        async with db.session() as s:
+            args = {"attempt": attempt, "backoff_base_ms": 1000, "backoff_max_ms": 60_000}
+            delays = [r.ms / 1000 for r in await s.execute(query, args)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempt, min(delays))
         assert len(set(delays)) > 1  # jittered
