@@ -838,7 +838,9 @@ class Dispatcher:
         reason = "the stream closed before the job was sent"
         items = [(str(row["id"]), row["attempt"], reason) for row in rows]
         async with self.db.session() as s, s.begin():
-            moved = await store.release_attempts(s, session.worker_id, items, utcnow(), by="control")
+            moved = await store.release_attempts(
+                s, session.worker_id, items, utcnow(), by="control"
+            )
         # A cancel requested meanwhile makes the release a CANCELED.
         metrics.count_finished(moved)
 
