@@ -72,8 +72,6 @@ class Branch:
     when: str | None = None
     #: an IGNORED event with this message is appended before the STATE event
     ignored: str | None = None
-    #: the edge label in the documented diagram (tests/control/test_machine.py)
-    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,12 +110,12 @@ class Transition:
 #: the compare-and-set of every worker message: RUNNING this attempt on this worker
 _WORKER_CAS = "j.attempt = t.attempt AND j.worker_id = t.worker_id"
 _WORKER_INPUTS = {"attempt": "int", "worker_id": "text"}
-_CANCEL_WINS = Branch(CANCELED, "j.cancel_requested", label="cancel confirmed / grace over")
+_CANCEL_WINS = Branch(CANCELED, "j.cancel_requested")
 #: a reaper: the attempt comes back while attempts are left, else it fails
 _REAPED = (
-    Branch(CANCELED, "j.cancel_requested", label="cancel confirmed / grace over"),
-    Branch(QUEUED, "j.attempt < j.max_attempts", label="lease lost"),
-    Branch(FAILED, label="fail, permanent or attempts spent"),
+    Branch(CANCELED, "j.cancel_requested"),
+    Branch(QUEUED, "j.attempt < j.max_attempts"),
+    Branch(FAILED),
 )
 _REAPER_SETS: dict[str, str | Mapping[str, str]] = {
     "not_before": {QUEUED: f"{_NOW} + {BACKOFF_MS_SQL} * interval '1 millisecond'"},
@@ -130,7 +128,7 @@ TRANSITIONS: dict[str, Transition] = {
         Transition(
             "claim",
             (QUEUED,),
-            (Branch(RUNNING, label="claim"),),
+            (Branch(RUNNING),),
             sets={
                 "worker_id": ":worker_id",
                 "started_at": _NOW,
@@ -148,7 +146,7 @@ TRANSITIONS: dict[str, Transition] = {
             (RUNNING,),
             (
                 Branch(CANCELED, "j.cancel_requested", "completion after cancel request ignored"),
-                Branch(SUCCEEDED, label="complete"),
+                Branch(SUCCEEDED),
             ),
             inputs={**_WORKER_INPUTS, "result": "jsonb", "outputs": "jsonb"},
             cas=_WORKER_CAS,
@@ -162,9 +160,8 @@ TRANSITIONS: dict[str, Transition] = {
                 Branch(
                     QUEUED,
                     "t.retryable AND j.attempt < j.max_attempts",
-                    label="fail, retryable, attempts left",
                 ),
-                Branch(FAILED, label="fail, permanent or attempts spent"),
+                Branch(FAILED),
             ),
             inputs={**_WORKER_INPUTS, "retryable": "bool", "error": "jsonb", "delay_ms": "bigint"},
             cas=_WORKER_CAS,
@@ -183,7 +180,7 @@ TRANSITIONS: dict[str, Transition] = {
             # A hand-back (drain) never spends the retry budget: max_attempts + 1.
             "release",
             (RUNNING,),
-            (_CANCEL_WINS, Branch(QUEUED, label="release")),
+            (_CANCEL_WINS, Branch(QUEUED)),
             inputs={**_WORKER_INPUTS, "message": "text"},
             cas=_WORKER_CAS,
             sets={"max_attempts": {QUEUED: "j.max_attempts + 1"}, "not_before": {QUEUED: _NOW}},
@@ -194,7 +191,7 @@ TRANSITIONS: dict[str, Transition] = {
         Transition(
             "confirm_canceled",
             (RUNNING,),
-            (Branch(CANCELED, label="cancel confirmed / grace over"),),
+            (Branch(CANCELED),),
             inputs=_WORKER_INPUTS,
             cas=_WORKER_CAS + " AND j.cancel_requested",
         ),
@@ -232,7 +229,7 @@ TRANSITIONS: dict[str, Transition] = {
         Transition(
             "force_cancel",
             (RUNNING,),
-            (Branch(CANCELED, label="cancel confirmed / grace over"),),
+            (Branch(CANCELED),),
             pick="j.cancel_requested AND j.cancel_requested_at <= "
             f"{_NOW} - :grace_ms * interval '1 millisecond'",
             event_message="'cancel grace period over'",
@@ -243,7 +240,7 @@ TRANSITIONS: dict[str, Transition] = {
             # columns are reset to values any reader can decode.
             "quarantine",
             (QUEUED,),
-            (Branch(FAILED, label="cancel"),),
+            (Branch(FAILED),),
             inputs={"error": "jsonb"},
             sets={"error": "t.error", "not_before": _NOW, "timeout_ms": "0"},
             event_error="u.error",
@@ -251,7 +248,7 @@ TRANSITIONS: dict[str, Transition] = {
         Transition(
             "cancel_queued",
             (QUEUED,),
-            (Branch(CANCELED, label="cancel"),),
+            (Branch(CANCELED),),
             inputs={"tenant": "text", "attempt": "int", "message": "text"},
             cas="j.tenant = t.tenant AND j.attempt = t.attempt",
             event_message="u.in_message",
@@ -262,7 +259,7 @@ TRANSITIONS: dict[str, Transition] = {
             # The worker hears of it on spool_cancel; CANCELED follows from it.
             "request_cancel",
             (RUNNING,),
-            (Branch(RUNNING, label="request cancel"),),
+            (Branch(RUNNING),),
             inputs={"tenant": "text", "attempt": "int", "message": "text"},
             cas="j.tenant = t.tenant AND j.attempt = t.attempt AND NOT j.cancel_requested",
             sets={"cancel_requested": "true", "cancel_requested_at": "now()"},
@@ -279,7 +276,7 @@ TRANSITIONS: dict[str, Transition] = {
             # max_attempts = attempt + B, so dispatch grants B more attempts.
             "retry",
             (FAILED, CANCELED),
-            (Branch(QUEUED, label="Retry"),),
+            (Branch(QUEUED),),
             inputs={"tenant": "text", "message": "text"},
             cas="j.tenant = t.tenant",
             sets={
@@ -473,6 +470,6 @@ def start_sql() -> tuple[str, str, str]:
 
 
 def edges() -> set[tuple[str, str, str]]:
-    """(from, to, label) of every transition: what the documented diagram must show."""
-    return {(f, b.to, b.label) for t in TRANSITIONS.values() for f in t.from_states
+    """(transition, from, to) of every edge: the table in docs/control-plane.md must match."""
+    return {(t.name, f, b.to) for t in TRANSITIONS.values() for f in t.from_states
             for b in t.branches}  # fmt: skip
