@@ -345,7 +345,7 @@ class WorkerSession:
     async def _apply_retrying(
         self, msgs: Sequence[Heartbeat | Outcome], flush_due: bool
     ) -> list[Any]:
-        return await self._retrying(lambda: self._apply_in_transaction(msgs, flush_due))
+        return await self._retrying(lambda: self._apply_messages(msgs, flush_due))
 
     async def _retrying(self, unit: Callable[[], Awaitable[T]]) -> T:
         """Run a unit of database work, retrying a lost connection; BadValue for a refused value.
@@ -438,10 +438,10 @@ class WorkerSession:
             lambda: self._acknowledge([ack]),
         ]
 
-    async def _apply_in_transaction(
+    async def _apply_messages(
         self, msgs: Sequence[Heartbeat | Outcome], flush_due: bool
     ) -> list[Any]:
-        """One transaction: heartbeats, then progress, then every outcome, a statement per run.
+        """Heartbeats, then progress, then every outcome, a statement per run.
 
         The final progress of an attempt is written before its outcome (so its
         PROGRESS event precedes the terminal one); consecutive outcomes of one
@@ -460,7 +460,9 @@ class WorkerSession:
         if flush_due and pending:
             progress += [(job_id, a, p) for job_id, (a, p) in pending.items()]
             pending = {}
-        async with self.dispatcher.db.session() as s, s.begin():
+        # Each statement commits on its own (no BEGIN/COMMIT round trips): every one
+        # is a transition complete in itself, applied in order.
+        async with self.dispatcher.db.autocommit() as s:
             for msg in msgs:
                 if isinstance(msg, Heartbeat):
                     await self._heartbeat(s, msg, now, after)
@@ -775,17 +777,17 @@ class Dispatcher:
         return result
 
     async def _claim_tx(self, session: WorkerSession, hello: Hello, now: datetime):
-        async with self.db.session() as s, s.begin():
-            return await store.claim_jobs(
-                s,
-                session.worker_id,
-                hello.job_types,
-                hello.labels,
-                session.credits,
-                now,
-                lease_s=self.settings.lease_s,
-                tenants=session.tenants,
-            )
+        """Claim for one session: one autocommit statement in the common case (no keys)."""
+        async with self.db.autocommit() as conn:
+            result, keyed = await store.claim_unkeyed(
+                conn, session.worker_id, hello.job_types, hello.labels, session.credits, now,
+                lease_s=self.settings.lease_s, tenants=session.tenants,
+            )  # fmt: skip
+        if keyed.candidates:
+            # Keyed jobs start under their keys' row locks: a transaction.
+            async with self.db.session() as s, s.begin():
+                await store.start_keyed(s, result, keyed)
+        return result
 
     async def _quarantine_unclaimable(self, session: WorkerSession, exc: Exception) -> None:
         """Find the candidates a claim cannot start and FAIL them, so dispatch goes on.

@@ -290,7 +290,9 @@ class JobsService:
                 out.append(_same_request(row, job, f"jobs[{i}].request_id"))
             return out
 
-        rows = await self._tx(work)
+        # Without idempotency keys one INSERT creates the whole batch (all or nothing
+        # by itself, no BEGIN/COMMIT); a key that clashes must undo the rest.
+        rows = await (self._tx if seen else self._one)(work)
         # Committed: count the jobs this batch created (not the deduplicated ones).
         created = {job.id for job in new_jobs}
         for row in rows:
