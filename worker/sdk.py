@@ -83,7 +83,8 @@ class JobContext(abc.ABC):
     device: str
     #: input URIs as submitted (blob:sha256:…, https://…, file://…)
     inputs: list[str]
-    #: a private scratch directory, removed after the attempt
+    #: a private scratch directory, created on first use and removed after the
+    #: attempt (a handler that never reads it costs no mkdir/rmtree)
     workdir: Path
     logger: logging.Logger
 
@@ -131,6 +132,16 @@ class Handler(abc.ABC):
     Params: ClassVar[type[BaseModel]]
     #: attempts allowed when the job does not say (JobSpec.max_attempts = 0)
     max_attempts: ClassVar[int] = 3
+    #: where `run` executes. "process" (the default): in a slot subprocess, so a
+    #: handler that ignores a cancel is killed with its process and the slot
+    #: restarted; use it for anything heavy, GPU work, native code that may
+    #: crash. "thread": on a thread of the worker process itself: no process
+    #: hop, no pickling, `setup` once in the worker process; but a cancel is
+    #: only cooperative (`ctx.cancelled`): a forced stop reports the attempt
+    #: killed at once and abandons the thread, which runs on until `run`
+    #: returns (its outcome discarded), and a crash takes the worker down.
+    #: For light, well-behaved job types only.
+    isolation: ClassVar[str] = "process"
 
     def setup(self, device: str) -> None:  # noqa: B027 - optional hook
         """Load models and other heavy resources once per worker process."""
