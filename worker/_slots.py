@@ -176,7 +176,10 @@ class SlotPool:
         """
         self._loop = asyncio.get_running_loop()
         types = self._config.get("types")
-        classes = thread_handlers(self._config.get("handlers", ""), types=types)
+        try:
+            classes = thread_handlers(self._config.get("handlers", ""), types=types)
+        except Exception as exc:  # a bad --handlers spec: stop the worker, say why
+            raise RuntimeError(f"cannot load the job types: {type(exc).__name__}: {exc}") from exc
         if types is not None and all(t in classes for t in types):
             self.slots = []
             device = await asyncio.to_thread(_probe_device, self._config.get("device", "auto"))

@@ -94,6 +94,7 @@ class Odd(Handler):
 
 # -- thread job types: run on a thread of the worker process ----------------
 
+
 class ThreadProbe(Handler):
     """Reports where it ran: process, thread, how often setup ran on this instance."""
 
