@@ -227,10 +227,10 @@ def run_attempt(
         job_type=job["type"],
         device=device,
         inputs=job.get("inputs", []),
-        workdir_root=Path(config["workdir_root"]),
+        workdir_root=config["workdir_root"],
         logger=logging.getLogger(f"spool.job.{job['type']}"),
         fetcher=_make_fetcher(config, job["job_id"], job["attempt"], holder),
-        allowed_file_root=Path(config["file_root"]) if config.get("file_root") else None,
+        allowed_file_root=config.get("file_root") or None,
     )
     holder.append(ctx)
     try:

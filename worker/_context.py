@@ -29,7 +29,7 @@ _OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 InputFetcher = Callable[[str, Path, Callable[[], bool]], Path]
 
 
-def resolve_local_input(uri: str, allowed_file_root: Path | None = None) -> Path:
+def resolve_local_input(uri: str, allowed_file_root: Path | str | None = None) -> Path:
     """Resolve a local path or a `file://` URI to an existing file.
 
     With `allowed_file_root`, the resolved path must lie under it (symlinks
@@ -124,10 +124,10 @@ class BaseJobContext(JobContext):
         device: str,
         inputs: list[str],
         workdir: Path | None = None,
-        workdir_root: Path | None = None,
+        workdir_root: Path | str | None = None,
         logger: logging.Logger | None = None,
         fetcher: InputFetcher | None = None,
-        allowed_file_root: Path | None = None,
+        allowed_file_root: Path | str | None = None,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -137,7 +137,7 @@ class BaseJobContext(JobContext):
         if workdir is None and workdir_root is None:
             raise ValueError("a job context needs a workdir or a workdir_root")
         self._workdir = Path(workdir) if workdir is not None else None
-        self._workdir_root = Path(workdir_root) if workdir_root is not None else None
+        self._workdir_root = workdir_root  # a Path only when needed: most jobs never ask
         #: True once this context made its own directory (and so must remove it)
         self._workdir_made = False
         self._workdir_lock = threading.Lock()
@@ -156,9 +156,10 @@ class BaseJobContext(JobContext):
         with self._workdir_lock:
             if self._workdir is None:
                 assert self._workdir_root is not None
-                self._workdir_root.mkdir(parents=True, exist_ok=True)
+                root = Path(self._workdir_root)
+                root.mkdir(parents=True, exist_ok=True)
                 prefix = f"job-{self.job_id[:8]}-"
-                self._workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=self._workdir_root))
+                self._workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
                 self._workdir_made = True
             return self._workdir
 

@@ -76,13 +76,32 @@ class Slot:
     incarnation: int = 0
 
 
+class CancelFlag:
+    """A cancel flag read by one thread job: `threading.Event` without the Condition.
+
+    Only ever set, never waited on, so a bool is enough (its reads and writes
+    are atomic); one is made per job, where an Event's lock showed up.
+    """
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 @dataclass(eq=False)
 class ThreadJob:
     """One job running on a pool thread."""
 
     key: JobKey
     #: the job's cancel flag (what `ctx.cancelled` reads)
-    cancel_flag: threading.Event = field(default_factory=threading.Event)
+    cancel_flag: CancelFlag = field(default_factory=CancelFlag)
     #: set by `kill_job` or `stop`: whatever the thread still reports is dropped
     abandoned: bool = False
 
@@ -92,18 +111,22 @@ class _Threads:
 
     A thread is started whenever no idle one waits, so a thread stuck in an
     abandoned job never delays the next job: it is simply no longer idle. At
-    most `keep_idle` threads stay parked between jobs.
+    most `keep_idle` threads stay parked between jobs. A thread parks itself
+    before it reports (`report(work())`), so the next job, started from that
+    report, finds it idle instead of starting another thread.
     """
 
     def __init__(self, keep_idle: int) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any], None]] | None]
+        self._queue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0
         self._started = 0
         self._keep_idle = keep_idle
         self._closed = False
 
-    def submit(self, fn: Callable[[], None]) -> None:
+    def submit(self, work: Callable[[], Any], report: Callable[[Any], None]) -> None:
+        """Run `work()` on a thread, then `report(its result)` on the same thread."""
         with self._lock:
             if self._idle > 0:
                 self._idle -= 1  # one parked thread will take it
@@ -111,15 +134,19 @@ class _Threads:
                 self._started += 1
                 name = f"spool-thread-job-{self._started}"
                 threading.Thread(target=self._work, name=name, daemon=True).start()
-        self._queue.put(fn)
+        self._queue.put((work, report))
 
     def _work(self) -> None:
-        while (fn := self._queue.get()) is not None:
-            fn()
+        while (item := self._queue.get()) is not None:
+            work, report = item
+            result = work()
             with self._lock:
-                if self._closed or self._idle >= self._keep_idle:
-                    return
-                self._idle += 1
+                stay = not self._closed and self._idle < self._keep_idle
+                if stay:
+                    self._idle += 1
+            report(result)
+            if not stay:
+                return
 
     def close(self) -> None:
         """Let parked threads exit; busy ones exit when their job returns."""
@@ -385,11 +412,14 @@ class SlotPool:
     def _start_thread_job(self, key: JobKey, job: dict[str, Any]) -> ThreadJob:
         run = ThreadJob(key=key)
         self._thread_jobs[key] = run
-        self._threads.submit(lambda: self._run_thread_job(run, job))
+        self._threads.submit(
+            lambda: self._run_thread_job(run, job),
+            lambda outcome: self._post(self._on_thread_done, run, outcome),
+        )
         return run
 
-    def _run_thread_job(self, run: ThreadJob, job: dict[str, Any]) -> None:
-        """On a pool thread: run the job, then hand its outcome to the loop."""
+    def _run_thread_job(self, run: ThreadJob, job: dict[str, Any]) -> dict[str, Any]:
+        """On a pool thread: run the job to its outcome (handed to the loop after)."""
 
         def send_progress(progress: dict[str, Any]) -> None:
             self._post(self._on_thread_progress, run, progress)
@@ -401,7 +431,7 @@ class SlotPool:
             log.error("job %s attempt %s ended its thread: %r", *run.key, exc)
             code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else None
             outcome = {"status": "crashed", "exit_code": code}
-        self._post(self._on_thread_done, run, outcome)
+        return outcome
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
