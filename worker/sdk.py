@@ -21,9 +21,13 @@ A job type is one module with a `Handler` subclass::
                 ctx.progress(done=i + 1, total=10, unit="steps")
             return {"ok": True}
 
+A light job type may set `isolation = "thread"` to run on a thread of the
+worker process instead of a slot subprocess (see `Handler.isolation` for
+what that trades away).
+
 The runtime behind `JobContext` lives in private modules (`worker._context`,
-`worker._slots`, `worker._slot_child`) and in `worker.testing` (the harness);
-handlers import only this module.
+`worker._attempt`, `worker._slots`, `worker._slot_child`) and in
+`worker.testing` (the harness); handlers import only this module.
 """
 
 from __future__ import annotations
