@@ -51,9 +51,10 @@ async def run_case(job_type: str, jobs: int, slots: int, root: Path) -> tuple[fl
         while state["started"] < jobs and pool.idle_count() > 0:
             n = state["started"]
             state["started"] += 1
-            job = {"job_id": f"j{n:08d}", "attempt": 1, "type": job_type, "params": {},
+            job_id = f"j{n:08d}"
+            job = {"job_id": job_id, "attempt": 1, "type": job_type, "params": {},
                    "inputs": [], "tenant": "bench"}  # fmt: skip
-            if pool.start_job((job["job_id"], 1), job) is None:
+            if pool.start_job((job_id, 1), job) is None:
                 raise RuntimeError("no free slot although idle_count() > 0")
 
     def on_idle() -> None:
