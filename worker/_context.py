@@ -2,15 +2,17 @@
 
 `BaseJobContext` implements everything but where progress goes and where the
 cancel flag lives: progress normalisation (fraction or done/total, with rate and
-ETA derived), the output directory, and input resolution (through
-`worker.fetch.fetch_input` when it is available, else local paths and
-`file://` URIs only).
+ETA derived), the work directory (made on first use), the output directory, and
+input resolution (through `worker.fetch.fetch_input` when it is available, else
+local paths and `file://` URIs only).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +29,7 @@ _OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 InputFetcher = Callable[[str, Path, Callable[[], bool]], Path]
 
 
-def resolve_local_input(uri: str, allowed_file_root: Path | None = None) -> Path:
+def resolve_local_input(uri: str, allowed_file_root: Path | str | None = None) -> Path:
     """Resolve a local path or a `file://` URI to an existing file.
 
     With `allowed_file_root`, the resolved path must lie under it (symlinks
@@ -105,7 +107,13 @@ def build_progress(
 
 
 class BaseJobContext(JobContext):
-    """A `JobContext` missing only `_emit_progress` and `cancelled`."""
+    """A `JobContext` missing only `_emit_progress` and `cancelled`.
+
+    The work directory is either given (`workdir`: it exists and belongs to the
+    caller) or made on first access of `ctx.workdir` under `workdir_root`, and
+    then removed by `remove_workdir()`. Most small jobs never touch it, and a
+    mkdtemp + rmtree per job was a quarter of a no-op worker's time.
+    """
 
     def __init__(
         self,
@@ -115,17 +123,24 @@ class BaseJobContext(JobContext):
         job_type: str,
         device: str,
         inputs: list[str],
-        workdir: Path,
+        workdir: Path | None = None,
+        workdir_root: Path | str | None = None,
         logger: logging.Logger | None = None,
         fetcher: InputFetcher | None = None,
-        allowed_file_root: Path | None = None,
+        allowed_file_root: Path | str | None = None,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
         self.job_type = job_type
         self.device = device
         self.inputs = list(inputs)
-        self.workdir = Path(workdir)
+        if workdir is None and workdir_root is None:
+            raise ValueError("a job context needs a workdir or a workdir_root")
+        self._workdir = Path(workdir) if workdir is not None else None
+        self._workdir_root = workdir_root  # a Path only when needed: most jobs never ask
+        #: True once this context made its own directory (and so must remove it)
+        self._workdir_made = False
+        self._workdir_lock = threading.Lock()
         self.logger = logger or logging.getLogger(f"spool.job.{job_type}")
         self._fetcher = fetcher
         self._allowed_file_root = allowed_file_root
@@ -133,6 +148,31 @@ class BaseJobContext(JobContext):
         self._inputs_cache: dict[int, Path] = {}
         self._outputs: dict[str, Path] = {}
         self._lock = threading.Lock()
+
+    # -- work directory -----------------------------------------------------
+    @property
+    def workdir(self) -> Path:  # type: ignore[override]  # a property, not a plain attribute
+        """The attempt's private scratch directory, made on first access."""
+        with self._workdir_lock:
+            if self._workdir is None:
+                assert self._workdir_root is not None
+                root = Path(self._workdir_root)
+                root.mkdir(parents=True, exist_ok=True)
+                prefix = f"job-{self.job_id[:8]}-"
+                self._workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+                self._workdir_made = True
+            return self._workdir
+
+    @property
+    def workdir_created(self) -> bool:
+        """True if `workdir` was made by this context (it is removed after the attempt)."""
+        return self._workdir_made
+
+    def remove_workdir(self) -> None:
+        """Remove the work directory if this context made it (a given one is kept)."""
+        with self._workdir_lock:
+            if self._workdir_made and self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
 
     # -- progress -----------------------------------------------------------
     def progress(

@@ -21,9 +21,13 @@ A job type is one module with a `Handler` subclass::
                 ctx.progress(done=i + 1, total=10, unit="steps")
             return {"ok": True}
 
+A light job type may set `isolation = "thread"` to run on a thread of the
+worker process instead of a slot subprocess (see `Handler.isolation` for
+what that trades away).
+
 The runtime behind `JobContext` lives in private modules (`worker._context`,
-`worker._slots`, `worker._slot_child`) and in `worker.testing` (the harness);
-handlers import only this module.
+`worker._attempt`, `worker._slots`, `worker._slot_child`) and in
+`worker.testing` (the harness); handlers import only this module.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ class JobContext(abc.ABC):
     device: str
     #: input URIs as submitted (blob:sha256:…, https://…, file://…)
     inputs: list[str]
-    #: a private scratch directory, removed after the attempt
+    #: a private scratch directory, created on first use and removed after the
+    #: attempt (a handler that never reads it costs no mkdir/rmtree)
     workdir: Path
     logger: logging.Logger
 
@@ -131,6 +136,16 @@ class Handler(abc.ABC):
     Params: ClassVar[type[BaseModel]]
     #: attempts allowed when the job does not say (JobSpec.max_attempts = 0)
     max_attempts: ClassVar[int] = 3
+    #: where `run` executes. "process" (the default): in a slot subprocess, so a
+    #: handler that ignores a cancel is killed with its process and the slot
+    #: restarted; use it for anything heavy, GPU work, native code that may
+    #: crash. "thread": on a thread of the worker process itself: no process
+    #: hop, no pickling, `setup` once in the worker process; but a cancel is
+    #: only cooperative (`ctx.cancelled`): a forced stop reports the attempt
+    #: killed at once and abandons the thread, which runs on until `run`
+    #: returns (its outcome discarded), and a crash takes the worker down.
+    #: For light, well-behaved job types only.
+    isolation: ClassVar[str] = "process"
 
     def setup(self, device: str) -> None:  # noqa: B027 - optional hook
         """Load models and other heavy resources once per worker process."""

@@ -40,3 +40,26 @@ class Tick(Handler):
                 ctx.progress(min(1.0, n * params.interval / params.duration), stage="ticking")
                 time.sleep(params.interval)
         return {"ticks": n}
+
+
+class ThreadTick(Tick):
+    """`e2e.tick` on a thread of the worker process (`isolation = "thread"`)."""
+
+    name = "e2e.thread_tick"
+    isolation = "thread"
+
+
+class TextParams(BaseModel):
+    text: str
+
+
+class ThreadText(Handler):
+    """Writes `text` to output "out.txt" from a worker thread (uploaded to BlobService)."""
+
+    name = "e2e.thread_text"
+    Params = TextParams
+    isolation = "thread"
+
+    def run(self, ctx: JobContext, params: TextParams) -> dict:
+        ctx.output_path("out.txt").write_text(params.text)
+        return {"bytes": len(params.text)}

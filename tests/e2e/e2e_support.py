@@ -82,7 +82,7 @@ class WorkerProcess:
             "SPOOL_WORKER_SLOTS": str(slots),
             "SPOOL_WORKER_LABELS": labels,
             "SPOOL_WORKER_TYPES": types,
-            "SPOOL_WORKER_HANDLERS": "e2e_handlers:Tick",
+            "SPOOL_WORKER_HANDLERS": "e2e_handlers",
             "SPOOL_WORKER_STATE_DIR": str(tmp / f"{self.worker_id}.state"),
             "SPOOL_WORKER_WORKDIR": str(tmp / f"{self.worker_id}.work"),
             "SPOOL_DRAIN_GRACE_S": str(drain_grace_s),

@@ -16,7 +16,9 @@ from worker.agent import Agent
 TEST_HANDLERS = "spool_test_handlers"
 #: what the tests use; naming them keeps slots from importing the media handlers
 TEST_TYPES = ["debug.sleep", "debug.noop", "test.probe", "test.boom", "test.crash",
-              "test.chatty", "test.writer", "test.odd"]  # fmt: skip
+              "test.chatty", "test.writer", "test.odd",
+              "test.thread_probe", "test.thread_sleep", "test.thread_chatty",
+              "test.thread_writer"]  # fmt: skip
 
 
 @pytest.fixture

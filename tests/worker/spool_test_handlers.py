@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from pydantic import BaseModel
 
+from worker.handlers.debug import Sleep
 from worker.sdk import Handler, JobContext
 
 SETUPS = 0
@@ -88,3 +90,45 @@ class Odd(Handler):
     def run(self, ctx: JobContext, params: Params) -> dict:
         ctx.progress(fraction=float("nan"), message="nul\x00inside")
         return {"loss": float("nan"), "bad": "\ud800"}
+
+
+# -- thread job types: run on a thread of the worker process ----------------
+
+
+class ThreadProbe(Handler):
+    """Reports where it ran: process, thread, how often setup ran on this instance."""
+
+    name = "test.thread_probe"
+    Params = Params
+    isolation = "thread"
+    setups = 0
+
+    def setup(self, device: str) -> None:
+        self.setups += 1
+
+    def run(self, ctx: JobContext, params: Params) -> dict:
+        if getattr(params, "touch_workdir", False):
+            (ctx.workdir / "scratch").write_text("x")
+        return {"pid": os.getpid(), "thread": threading.current_thread().name,
+                "setups": self.setups, "device": ctx.device}  # fmt: skip
+
+
+class ThreadSleep(Sleep):
+    """`debug.sleep` on a thread (its `ignore_cancel` makes a thread that cannot be stopped)."""
+
+    name = "test.thread_sleep"
+    isolation = "thread"
+
+
+class ThreadChatty(Chatty):
+    """`test.chatty` on a thread (coalescing on the thread path)."""
+
+    name = "test.thread_chatty"
+    isolation = "thread"
+
+
+class ThreadWriter(Writer):
+    """`test.writer` on a thread (inputs, outputs and the lazy workdir there)."""
+
+    name = "test.thread_writer"
+    isolation = "thread"

@@ -220,3 +220,29 @@ async def test_a_result_that_cannot_be_sent_fails_the_attempt(control: FakeContr
     assert progress.fraction == 0 and progress.message == "nul\x00inside"
     later = control.submit(make_job("debug.noop"))
     await wait_until(lambda: later in control.results, what="the next job")
+
+
+async def test_thread_and_process_jobs_ignoring_cancel_are_both_stopped(
+    control: FakeControl, start_agent
+):
+    """A thread cannot be killed: it is reported Canceled at once all the same."""
+    agent = await start_agent(control, slots=2)
+    stubborn = {"duration": 3, "steps": 30, "ignore_cancel": True}
+    on_thread = control.submit(make_job("test.thread_sleep", stubborn))
+    in_slot = control.submit(make_job("debug.sleep", stubborn))
+    await wait_until(lambda: on_thread in agent.jobs and in_slot in agent.jobs)
+    await wait_until(lambda: len(control.messages("progress")) >= 2, what="progress of both")
+    t0 = time.monotonic()
+    control.cancel(on_thread, grace_s=0.3)
+    control.cancel(in_slot, grace_s=0.3)
+    await wait_until(lambda: on_thread in control.results and in_slot in control.results)
+    assert 0.3 <= time.monotonic() - t0 < 3
+    assert control.results[on_thread].WhichOneof("message") == "canceled"
+    assert control.results[in_slot].WhichOneof("message") == "canceled"
+    assert agent.stats["killed"] == 2 and agent.pool.abandoned_threads() == 1
+    # Both slots serve on, while the abandoned thread still sleeps.
+    keys = [control.submit(make_job(t)) for t in ("test.thread_probe", "debug.noop") * 3]
+    keys.append(control.submit(make_job("test.probe")))
+    await wait_until(lambda: all(k in control.results for k in keys), what="jobs after")
+    assert all(control.results[k].WhichOneof("message") == "completed" for k in keys)
+    assert control.violations == []  # never more jobs than slots, threads included

@@ -127,7 +127,9 @@ async def test_bad_handlers_module_exits_1(tmp_path: Path):
     try:
         assert await asyncio.wait_for(proc.wait(), 30) == 1
         text = (tmp_path / "bad.log").read_text()
-        assert "no_such_module_xyz" in text and "died during setup" in text
+        # Found in the worker process itself (it looks for thread types there).
+        assert "cannot load the job types: ModuleNotFoundError" in text
+        assert "no_such_module_xyz" in text and "Traceback" not in text
         assert peer.streams == []  # it never announced itself
     finally:
         if proc.returncode is None:
@@ -187,6 +189,39 @@ async def test_slots_exit_when_the_agent_is_killed(tmp_path: Path):
         await proc.wait()
         # An orphaned slot notices within PARENT_WATCH_INTERVAL_S and exits, job or not.
         await wait_until(lambda: not any(_alive(p) for p in slots), limit_s=10, what="slots gone")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        log.close()
+        await peer.stop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+async def test_a_worker_of_thread_types_only_runs_no_slot_process_and_no_workdir(tmp_path: Path):
+    peer = FakeControl()
+    await peer.start()
+    work = tmp_path / "work"
+    proc, log = await _start_worker(
+        peer,
+        tmp_path,
+        "threads.log",
+        SPOOL_WORKER_TYPES="debug.noop",
+        SPOOL_WORKER_WORKDIR=str(work),
+    )
+    try:
+        await wait_until(lambda: peer.streams and peer.current.hello, what="Hello")
+        hello = peer.current.hello
+        assert list(hello.job_types) == ["debug.noop"] and hello.slots == 2
+        assert hello.device.kind == "cpu"
+        keys = [peer.submit(make_job("debug.noop")) for _ in range(20)]
+        await wait_until(lambda: all(k in peer.results for k in keys), what="20 noops")
+        assert all(peer.results[k].WhichOneof("message") == "completed" for k in keys)
+        assert _children(proc.pid) == []  # no slot process (nor a resource tracker)
+        assert not work.exists()  # no job asked for a work directory
+        assert peer.violations == []
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
     finally:
         if proc.returncode is None:
             proc.kill()

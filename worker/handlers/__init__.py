@@ -28,6 +28,8 @@ OPTIONAL_MODULES = (
     "worker.handlers.model_infer",
 )
 HANDLERS_ENV = "SPOOL_WORKER_HANDLERS"
+#: the values `Handler.isolation` may take
+ISOLATIONS = ("process", "thread")
 
 
 def handlers_in_module(module: ModuleType) -> list[type[Handler]]:
@@ -100,3 +102,23 @@ def load_handlers(
     # User handlers last: they may replace a built-in of the same name.
     add(user_classes)
     return registry
+
+
+def thread_handlers(
+    extra: str | list[str] | None = None, *, types: list[str] | None = None
+) -> dict[str, type[Handler]]:
+    """The job types of the registry that run on threads (`isolation = "thread"`).
+
+    Read in the worker process, which runs those itself; the optional media
+    modules are not imported for it (they are process types, and the worker
+    process never imports torch). A value of `isolation` other than
+    "process" or "thread" raises: a typo must not silently pick one.
+    """
+    found = {}
+    for name, cls in load_handlers(extra, types=types, optional=False).items():
+        isolation = getattr(cls, "isolation", "process")
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"{name}: isolation must be one of {ISOLATIONS}, got {isolation!r}")
+        if isolation == "thread":
+            found[name] = cls
+    return found

@@ -21,6 +21,8 @@ class Noop(Handler):
 
     name = "debug.noop"
     Params = NoopParams
+    #: nothing to kill and nothing to crash: no process hop for it
+    isolation = "thread"
 
     def run(self, ctx: JobContext, params: NoopParams) -> dict[str, Any]:
         return {}
@@ -48,7 +50,11 @@ class SleepParams(BaseModel):
 
 
 class Sleep(Handler):
-    """Sleep `duration` seconds in `steps` steps, reporting progress after each."""
+    """Sleep `duration` seconds in `steps` steps, reporting progress after each.
+
+    It stays a process type: `ignore_cancel` exists to exercise the forced stop
+    of a slot process.
+    """
 
     name = "debug.sleep"
     Params = SleepParams
