@@ -253,7 +253,8 @@ def _start_pyspy(pyspy: str, targets: dict[str, int], out_dir: Path) -> dict:
 
 
 async def profile_spool(spool: Any, args: argparse.Namespace, tmp: Path) -> dict:
-    """One extra batched Spool run with py-spy recording the control plane and the worker."""
+    """One extra Spool run (batched unless --profile-scenario says) with py-spy recording
+    the control plane and the worker."""
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not await asyncio.to_thread(Path(pyspy).exists):
         return {"error": "py-spy not found (pip install py-spy)"}
@@ -263,8 +264,8 @@ async def profile_spool(spool: Any, args: argparse.Namespace, tmp: Path) -> dict
         targets = {"control": spool.cp.pid, "worker": spool.workers[0].pid}
         recorders = await asyncio.to_thread(_start_pyspy, pyspy, targets, Path(args.profile))
         await asyncio.sleep(1.0)
-        log("profiling: one batched Spool run under py-spy")
-        got = await measure(spool, "batched", args, 0)
+        log(f"profiling: one {args.profile_scenario} Spool run under py-spy")
+        got = await measure(spool, args.profile_scenario, args, 0)
     finally:
         for proc, _ in recorders.values():
             proc.send_signal(signal.SIGINT)
@@ -523,7 +524,7 @@ def render(result: dict, args: argparse.Namespace, argv: list[str], seconds: flo
 
     prof = figures.get("_profile")
     if prof:
-        lines += ["", f"py-spy profile of one batched Spool run (not timed above; "
+        lines += ["", f"py-spy profile of one {args.profile_scenario} Spool run (not timed above; "
                   f"{prof.get('jobs_per_s', 0):.0f} jobs/s under the profiler):", ""]  # fmt: skip
         for proc in ("control", "worker"):
             p = prof.get(proc, {})
@@ -576,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     a("--pgbench-clients", type=int, default=8, help="pgbench -c")
     a("--echo-seconds", type=float, help="grpc echo duration per mode (default 3; 0: skip)")
     a("--profile", metavar="DIR", help="also profile one batched Spool run with py-spy")
+    a("--profile-scenario", default="batched", choices=list(SCENARIOS), help="what --profile runs")
     a("--json", metavar="PATH", help="also write every figure measured as JSON")
     a("--no-report", action="store_true", help="do not append to bench/report.md")
     args = p.parse_args(argv)
