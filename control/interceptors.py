@@ -83,11 +83,32 @@ class ScopeInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        """Wrap the handler gRPC found for this call (None: unknown method, left alone)."""
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return wrap_handler(handler, lambda context: self.scope(handler_call_details, context))
+        """Wrap the handler gRPC found for this call (None: unknown method, left alone).
+
+        The wrapped handler of a method is built once and reused (with what the
+        interceptors inside it built): a scope sees only `details.method`, and
+        reads everything about the call itself from its context.
+        """
+        method = handler_call_details.method
+        cache = self.__dict__.setdefault("_wrapped_handlers", {})
+        wrapped = cache.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None
+            details = MethodDetails(method)
+            wrapped = wrap_handler(handler, lambda context: self.scope(details, context))
+            cache[method] = wrapped
+        return wrapped
+
+
+class MethodDetails:
+    """What a scope may know of the call's details: the method (the same for every call)."""
+
+    __slots__ = ("method",)
+
+    def __init__(self, method: str) -> None:
+        self.method = method
 
 
 def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
@@ -258,10 +279,21 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        """The handler with a tolerant deserializer and a check of what it parsed."""
+        """The handler with a tolerant deserializer and a check of what it parsed (built once
+        per method)."""
+        method = handler_call_details.method
+        cache = self.__dict__.setdefault("_tolerant_handlers", {})
+        cached = cache.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
+        cache[method] = handler = self._tolerant_handler(handler)
+        return handler
+
+    @staticmethod
+    def _tolerant_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary:
             return handler._replace(unary_unary=_refuse_unary(handler.unary_unary))

@@ -310,7 +310,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
             )
             writer = asyncio.create_task(session.run_writer(), name=f"worker.{hello.worker_id}.db")
             # If the writer gives up (database gone), the stream ends and the worker reconnects.
-            writer.add_done_callback(lambda _: session.outbox.put_nowait(None))
+            writer.add_done_callback(lambda _: session.end_stream())
             while await self._write_ready(session, context):
                 pass
             if reader.done() and isinstance(reader.exception(), SpoolError):
@@ -405,4 +405,4 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
                 session.closed = True  # no more assignments; acks still go out
                 session.finish()
             else:
-                session.outbox.put_nowait(None)
+                session.end_stream()

@@ -240,7 +240,9 @@ class WorkerSession:
         self.credits = 0
         #: attempts this session believes the worker runs
         self.running: set[tuple[str, int]] = set()
+        #: what the stream writes, in order; None (queued once, by `end_stream`) ends it
         self.outbox: asyncio.Queue[Outbound | None] = asyncio.Queue()
+        self._stream_ended = False
         #: Assigns taken off the outbox but not sent (the stream was closing)
         self.unsent: list[Assign] = []
         self.closed = False
@@ -262,6 +264,16 @@ class WorkerSession:
                 self._acknowledge([OutcomeAck(msg.job_id, msg.attempt, False, msg.reason)])
         else:
             self._inbox.put_nowait(msg)
+
+    def end_stream(self) -> None:
+        """End the stream after what is queued (idempotent): whoever decides it ends calls this.
+
+        The worker broke the stream, the writer gave up on the database, the
+        replica stops, or the same worker connected again.
+        """
+        if not self._stream_ended:
+            self._stream_ended = True
+            self.outbox.put_nowait(None)
 
     def send_cancel(self, job_id: str, attempt: int, reason: str) -> None:
         """Tell the worker to stop an attempt (once per attempt)."""
@@ -572,7 +584,7 @@ class Dispatcher:
     async def stop(self) -> None:
         """Stop the loops and end every open stream (its worker reconnects elsewhere)."""
         for session in list(self.sessions.values()):
-            session.outbox.put_nowait(None)
+            session.end_stream()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -644,7 +656,7 @@ class Dispatcher:
         for old in self.sessions.values():
             if old.worker_id == hello.worker_id:
                 old.closed = True
-                old.outbox.put_nowait(None)
+                old.end_stream()
         session = WorkerSession(self, hello, now, tenants)
         session.running |= kept
         for job_id, attempt in reported - kept:
