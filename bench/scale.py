@@ -102,6 +102,16 @@ def start_worker(address: str, tmp: Path, name: str, types: str, slots: int) -> 
     return S.spawn(command, tmp / f"{name}.log", env)
 
 
+def _cpu_roots(control_pid: int, pg: Any) -> dict[str, tuple[int, bool]]:
+    """The processes whose CPU a scenario reports: control, the bench's clients, Postgres."""
+    postmaster = int((Path(pg.pgdata) / "postmaster.pid").read_text().split()[0])
+    return {
+        "control": (control_pid, True),
+        "bench": (os.getpid(), False),
+        "postgres": (postmaster, True),
+    }
+
+
 def _channels(address: str, streams: int) -> list[Any]:
     import grpc
 
@@ -123,7 +133,7 @@ async def fanout(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]
     n, duration = args.watchers, args.events * args.interval
     spool = S.SpoolSystem(pg, tmp, "0x1", [])
     await spool.start(DB_OF["fanout"])
-    worker, channels = None, []
+    worker, channels, recorder = None, [], None
     errors: Counter[str] = Counter()
     try:
         spec = job_pb2.JobSpec(type="debug.sleep")
@@ -161,8 +171,8 @@ async def fanout(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]
             await asyncio.sleep(0.02)
         connect_s = time.perf_counter() - t0
         log(f"fan-out: {n} watchers connected in {connect_s:.1f} s; starting the worker")
-        roots = {"control": (spool.cp.pid, True), "bench": (os.getpid(), False)}
-        recorder = await _profile_start(args.profile, spool.cp.pid)
+        roots = _cpu_roots(spool.cp.pid, pg)
+        recorder = await _profile_start(args.profile, "fanout", spool.cp.pid)
         cpu0 = S.cpu_seconds(roots)
         worker = start_worker(spool.address, tmp, "fanout-worker", "debug.sleep", 1)
         await asyncio.wait_for(asyncio.gather(*tasks), duration + 240)
@@ -171,6 +181,7 @@ async def fanout(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]
         rss = proc_status_mb(spool.cp.pid)
         final = (await spool.stub.Get(pb.GetRequest(job_id=job.id), timeout=30)).job
     finally:
+        _profile_abandon(recorder)
         await S.stop(worker)
         for ch in channels:
             with contextlib.suppress(Exception):
@@ -208,8 +219,9 @@ async def fanout(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
-async def _profile_start(out_dir: str | None, pid: int) -> Any:
-    """py-spy recording the control process (bench.throughput's way), or None."""
+async def _profile_start(out_dir: str | None, scenario: str, pid: int) -> Any:
+    """py-spy recording the control process (bench.throughput's way) into
+    DIR/<scenario>/control.txt, or None."""
     if not out_dir:
         return None
     from bench import throughput
@@ -219,7 +231,7 @@ async def _profile_start(out_dir: str | None, pid: int) -> Any:
         log("no py-spy: the fan-out is not profiled")
         return None
     recorders = await asyncio.to_thread(
-        throughput._start_pyspy, pyspy, {"control": pid}, Path(out_dir)
+        throughput._start_pyspy, pyspy, {"control": pid}, Path(out_dir) / scenario
     )
     await asyncio.sleep(1.0)
     return recorders["control"]
@@ -236,6 +248,13 @@ async def _profile_stop(recorder: Any) -> dict[str, Any] | None:
     if not raw.exists():
         return {"error": (proc.stderr.read() or b"").decode()[-300:]}
     return throughput.summarize_pyspy(raw)
+
+
+def _profile_abandon(recorder: Any) -> None:
+    """Kill a py-spy still recording (the scenario failed before it was stopped)."""
+    if recorder is not None and recorder[0].poll() is None:
+        recorder[0].kill()
+        recorder[0].wait()
 
 
 # --------------------------------------------------------------------- 2. fleet
@@ -262,6 +281,7 @@ async def fleet(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     recent: deque[tuple[float, str]] = deque()
     counts = Counter()
     rss_samples: list[float] = []
+    recorder = None
     try:
         idle = proc_status_mb(pid)
         for w in workers:
@@ -320,7 +340,9 @@ async def fleet(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                 rss_samples.append(proc_status_mb(pid)["VmRSS"])
                 await asyncio.sleep(0.5)
 
-        cpu0 = S.cpu_seconds({"control": (pid, True), "bench": (os.getpid(), False)})
+        roots = _cpu_roots(pid, pg)
+        recorder = await _profile_start(args.profile, "fleet", pid)
+        cpu0 = S.cpu_seconds(roots)
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(submitter())]
         tasks += [asyncio.create_task(watcher(i)) for i in range(args.fleet_watchers)]
@@ -344,8 +366,10 @@ async def fleet(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.wait_for(asyncio.gather(*tasks), args.fleet_job_s + 120)
         sampler.cancel()
         rss = proc_status_mb(pid)
-        cpu1 = S.cpu_seconds({"control": (pid, True), "bench": (os.getpid(), False)})
+        cpu1 = S.cpu_seconds(roots)
+        profile = await _profile_stop(recorder)
     finally:
+        _profile_abandon(recorder)
         stop.set()
         await asyncio.gather(*(w.close() for w in workers))
         for ch in channels:
@@ -373,6 +397,7 @@ async def fleet(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         "rss": rss,
         "rss_sampled_max": max(rss_samples, default=float("nan")),
         "queue_wait": summary(waits),
+        "profile": profile,
         "cpu": {k: (cpu1[k] - cpu0[k]) / elapsed for k in cpu0},
         "errors": dict(errors),
     }
@@ -429,7 +454,7 @@ def _errors(errs: dict[str, int]) -> str:
 
 def _connections(streams: int) -> str:
     n = -(-streams // WATCHERS_PER_CHANNEL)
-    return f"{n} connection{'s' if n > 1 else ''}"
+    return f"{n} connection{'' if n == 1 else 's'}"
 
 
 def render(result: dict, args: argparse.Namespace, argv: list[str], seconds: float) -> str:
@@ -526,26 +551,27 @@ def _fanout_details(f: dict, args: argparse.Namespace) -> list[str]:
         f" event: first watcher p50 {first['p50']:.1f} / p99 {first['p99']:.1f} ms (the"
         f" pipeline), last watcher p50 {last['p50']:.1f} / p99 {last['p99']:.1f} ms (plus the"
         f" fan-out). CPU per progress event: control {cpu['control']:.1f} ms, bench"
-        f" clients {cpu['bench']:.1f} ms; control peak RSS {f['rss']['VmHWM']:.0f} MB",
+        f" clients {cpu['bench']:.1f} ms, Postgres {cpu['postgres']:.1f} ms; control peak"
+        f" RSS {f['rss']['VmHWM']:.0f} MB",
     ]
-    prof = f.get("profile")
-    if prof and "error" in prof:
-        lines.append(f"  - py-spy: {prof['error']}")
-    elif prof:
-        lines.append(
-            f"  - py-spy on the control process ({prof['samples']} samples holding the GIL),"
-            " self time by package: "
-            + ", ".join(f"{name} {share:.0f} %" for name, share in prof["packages"][:8])
-        )
-        lines.append(
-            "  - self time, top 8: "
-            + "; ".join(f"`{fn}` {share:.1f} %" for fn, share in prof["self"][:8])
-        )
-        lines.append(
-            "  - inclusive, Spool's own functions: "
-            + "; ".join(f"`{fn}` {share:.1f} %" for fn, share in prof["inclusive"][:8])
-        )
-    return lines
+    return lines + _profile_lines(f.get("profile"))
+
+
+def _profile_lines(prof: dict[str, Any] | None) -> list[str]:
+    """A py-spy summary (bench.throughput.summarize_pyspy) as sub-bullets."""
+    if not prof:
+        return []
+    if "error" in prof:
+        return [f"  - py-spy: {prof['error']}"]
+    return [
+        f"  - py-spy on the control process ({prof['samples']} samples holding the GIL),"
+        " self time by package: "
+        + ", ".join(f"{name} {share:.0f} %" for name, share in prof["packages"][:8]),
+        "  - self time, top 8: "
+        + "; ".join(f"`{fn}` {share:.1f} %" for fn, share in prof["self"][:8]),
+        "  - inclusive, Spool's own functions: "
+        + "; ".join(f"`{fn}` {share:.1f} %" for fn, share in prof["inclusive"][:8]),
+    ]
 
 
 def _fleet_details(fl: dict, args: argparse.Namespace) -> list[str]:
@@ -562,7 +588,9 @@ def _fleet_details(fl: dict, args: argparse.Namespace) -> list[str]:
         f" (queue wait) p50 {wait['p50']:,.0f} / p99 {wait['p99']:,.0f} ms. Control RSS"
         f" {fl['idle']['VmRSS']:.0f} MB idle, {fl['rss_sampled_max']:.0f} MB highest"
         f" sampled, {fl['rss']['VmRSS']:.0f} MB at the end; CPU: control"
-        f" {cpu['control'] * 100:.0f} %, bench clients {cpu['bench'] * 100:.0f} % of a core",
+        f" {cpu['control'] * 100:.0f} %, bench clients {cpu['bench'] * 100:.0f} %, Postgres"
+        f" {cpu['postgres'] * 100:.0f} % of a core",
+        *_profile_lines(fl.get("profile")),
     ]
 
 
@@ -632,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     a("--info-samples", type=int, default=10, help="List FAILED and GetStats calls per table")
     a("--dispatch-jobs", type=int, help="no-op jobs per round (default 2,000; --quick 500)")
     a("--table-reps", type=int, help="rounds per table, alternating (default 3; --quick 2)")
-    a("--profile", metavar="DIR", help="py-spy the control process during the fan-out")
+    a("--profile", metavar="DIR", help="py-spy the control process in fan-out and fleet")
     a("--no-report", action="store_true", help="do not append to bench/report.md")
     args = p.parse_args(argv)
     for key, (full, quick) in DEFAULTS.items():
