@@ -3,12 +3,12 @@
 Two control processes, each with its own database and one `spool-worker` x 8
 slots: one database stays (nearly) empty, the other gets `--rows` terminal
 jobs written by SQL. Both first run 100 no-op jobs, so a first List page is
-full on both; then rounds alternate between the two (the order flips every
-round, so drift in the machine's load falls on both alike): Get of random
-jobs, List first page, and for information List of FAILED jobs and GetStats,
-then `--dispatch-jobs` no-op jobs by SubmitBatch. Done is seen by SQL on the
-two partial indexes (queued, running), cheap at any table size; GetStats
-counts the whole table.
+full on both; then rounds of sequential calls, the two tables taking turns
+call by call (so a load spike of the shared machine hits both alike): Get of
+random jobs, List first page, and for information List of FAILED jobs and
+GetStats; then `--dispatch-jobs` no-op jobs by SubmitBatch on each (the order
+flipping every round). Done is seen by SQL on the two partial indexes (queued,
+running), cheap at any table size; GetStats counts the whole table.
 """
 
 from __future__ import annotations
@@ -120,13 +120,17 @@ async def fill(conn: Any, rows: int, tenant: str = "default") -> dict[str, Any]:
     }
 
 
-async def _latencies(call: Any, samples: int, warmup: int = 5) -> list[float]:
-    out = []
+async def _paired(calls: dict[str, Any], samples: int, warmup: int = 5) -> dict[str, list[float]]:
+    """ms of `samples` sequential calls on each table, the tables taking turns call by call
+    (the order flipping every pair), so a load spike of the machine hits both alike."""
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
     for i in range(samples + warmup):
-        t0 = time.perf_counter()
-        await call(i)
-        if i >= warmup:
-            out.append((time.perf_counter() - t0) * 1000)
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            await calls[name](i)
+            if i >= warmup:
+                out[name].append((time.perf_counter() - t0) * 1000)
     return out
 
 
@@ -151,27 +155,36 @@ async def dispatch_rate(spool: Any, conn: Any, n: int, batch: int = 500) -> dict
     return {"jobs_per_s": n / seconds, "seconds": seconds, "states": states, "n": n}
 
 
-async def one_round(spool: Any, conn: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Latencies of sequential Get / List / List FAILED / GetStats calls, then a dispatch run."""
+async def one_round(
+    spools: dict[str, Any], conns: dict[str, Any], args: argparse.Namespace, rep: int
+) -> dict[str, dict[str, Any]]:
+    """Get / List / List FAILED / GetStats latencies, paired; then a dispatch run on each."""
     from spool.v1 import job_pb2
     from spool.v1 import job_service_pb2 as pb
 
-    stub = spool.stub
     calls = -(-args.samples // args.table_reps)
     info = -(-args.info_samples // args.table_reps)
-    ids = [r["id"] for r in await conn.fetch(RANDOM_IDS_SQL, calls + 5)]
     failed = pb.ListRequest(page_size=50, states=[job_pb2.JOB_STATE_FAILED])
-    return {
-        "get": await _latencies(
-            lambda i: stub.Get(pb.GetRequest(job_id=ids[i % len(ids)]), timeout=30), calls
-        ),
-        "list": await _latencies(lambda i: stub.List(pb.ListRequest(), timeout=30), calls),
-        "list_failed": await _latencies(lambda i: stub.List(failed, timeout=60), info, 1),
-        "stats": await _latencies(
-            lambda i: stub.GetStats(pb.GetStatsRequest(), timeout=60), info, 1
-        ),
-        "dispatch": await dispatch_rate(spool, conn, args.dispatch_jobs),
+    get, listing, list_failed, stats = {}, {}, {}, {}
+    for name, spool in spools.items():
+        stub = spool.stub
+        ids = [r["id"] for r in await conns[name].fetch(RANDOM_IDS_SQL, calls + 5)]
+        get[name] = lambda i, stub=stub, ids=ids: stub.Get(
+            pb.GetRequest(job_id=ids[i % len(ids)]), timeout=30
+        )
+        listing[name] = lambda i, stub=stub: stub.List(pb.ListRequest(), timeout=30)
+        list_failed[name] = lambda i, stub=stub: stub.List(failed, timeout=60)
+        stats[name] = lambda i, stub=stub: stub.GetStats(pb.GetStatsRequest(), timeout=60)
+    figures = {
+        "get": await _paired(get, calls),
+        "list": await _paired(listing, calls),
+        "list_failed": await _paired(list_failed, info, 1),
+        "stats": await _paired(stats, info, 1),
     }
+    out: dict[str, dict[str, Any]] = {n: {k: v[n] for k, v in figures.items()} for n in spools}
+    for name in list(spools) if rep % 2 == 0 else list(spools)[::-1]:
+        out[name]["dispatch"] = await dispatch_rate(spools[name], conns[name], args.dispatch_jobs)
+    return out
 
 
 async def table(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -195,9 +208,9 @@ async def table(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         log(f"table: writing {args.rows:,} rows")
         filled = await fill(conns["big"], args.rows)
         for rep in range(args.table_reps):
-            for name in ("empty", "big") if rep % 2 == 0 else ("big", "empty"):
-                log(f"table: round {rep + 1}/{args.table_reps}, {name} table")
-                rounds[name].append(await one_round(spools[name], conns[name], args))
+            log(f"table: round {rep + 1}/{args.table_reps}")
+            for name, got in (await one_round(spools, conns, args, rep)).items():
+                rounds[name].append(got)
         empty_jobs_end = await conns["empty"].fetchval("SELECT count(*) FROM jobs")
     finally:
         for conn in conns.values():

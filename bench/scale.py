@@ -32,8 +32,8 @@ peak RSS read from /proc/<pid>/status (VmHWM) is that scenario's alone.
    first page p99 and dispatch throughput (`--dispatch-jobs` no-op jobs by
    SubmitBatch of 500, one `spool-worker` x 8 slots) on an empty table and on
    one holding `--rows` terminal jobs (3 events each) written by SQL
-   (INSERT ... SELECT generate_series, then VACUUM ANALYZE), two databases
-   and control processes measured in alternating rounds; the ratio of the two.
+   (INSERT ... SELECT generate_series, then VACUUM ANALYZE): two databases and
+   control processes, the calls taking turns between them; the ratio.
 4. Cancel reaching running code is bench.dispatch's (its cancel row).
 
 Prints the section and appends it to bench/report.md (unless --no-report).
@@ -605,8 +605,9 @@ def _table_details(t: dict) -> list[str]:
         + f", VACUUM ANALYZE {fi['vacuum_s']:.0f} s: jobs {fi['jobs_mb']:,.0f} MB,"
         f" job_events {fi['events_mb']:,.0f} MB with indexes. Empty: a second database and"
         f" control process holding {e['jobs'][0]:,} jobs (warm-ups; {e['jobs'][1]:,} by the"
-        f" end). {t['reps']} rounds alternating between the two, {e['get']['n']} sequential"
-        f" calls each in all (Get of random jobs). p50 empty → big: Get {e['get']['p50']:.1f}"
+        f" end). {e['get']['n']} sequential calls of each kind per table in {t['reps']}"
+        " rounds, the two tables taking turns call by call (Get of random jobs)."
+        f" p50 empty → big: Get {e['get']['p50']:.1f}"
         f" → {b['get']['p50']:.1f} ms, List {e['list']['p50']:.1f} → {b['list']['p50']:.1f} ms",
         f"  - for information ({b['stats']['n']} calls): List first page of FAILED jobs p99"
         f" {e['list_failed']['p99']:.1f} → {b['list_failed']['p99']:.1f} ms; GetStats p99"
@@ -629,7 +630,7 @@ DEFAULTS: dict[str, tuple[float, float]] = {
     "fleet_rate": (20.0, 4.0),
     "fleet_job_s": (5.0, 3.0),
     "rows": (1_000_000, 50_000),
-    "samples": (300, 100),
+    "samples": (500, 300),
     "dispatch_jobs": (2000, 500),
     "table_reps": (3, 2),
 }
@@ -656,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     a("--fleet-job-s", type=float, help="seconds a fleet job runs (default 5; --quick 3)")
     a("--fleet-progress-s", type=float, default=0.5, help="fleet progress report interval")
     a("--rows", type=int, help="rows of the big table (default 1,000,000; --quick 50,000)")
-    a("--samples", type=int, help="Get and List calls per table (default 300; --quick 100)")
+    a("--samples", type=int, help="Get and List calls per table (default 500; --quick 300)")
     a("--info-samples", type=int, default=10, help="List FAILED and GetStats calls per table")
     a("--dispatch-jobs", type=int, help="no-op jobs per round (default 2,000; --quick 500)")
     a("--table-reps", type=int, help="rounds per table, alternating (default 3; --quick 2)")
