@@ -107,6 +107,13 @@ class Settings:
         default=20,
         metadata=_opt("SPOOL_DB_POOL_SIZE", "database connections kept by the pool"),
     )
+    db_dispatch_pool_size: int = field(
+        default=4,
+        metadata=_opt(
+            "SPOOL_DB_DISPATCH_POOL_SIZE",
+            "connections kept for dispatch alone (claims, worker outcomes, leases; 0: share)",
+        ),
+    )
     db_max_overflow: int = field(
         default=5,
         metadata=_opt("SPOOL_DB_MAX_OVERFLOW", "extra connections the pool may open under load"),

@@ -82,6 +82,9 @@ class ControlPlane:
     replica_id: str
     health: health.aio.HealthServicer
     embedded: EmbeddedPostgres | None = None
+    #: connections of their own for dispatch (claims, worker outcomes, leases), so a
+    #: crowd of watchers and API calls never makes the claim loop wait for one
+    dispatch_db: Database | None = None
     components: list[Component] = field(default_factory=list)
     #: the components whose start() returned (stopped in reverse order)
     started: list[Component] = field(default_factory=list)
@@ -141,10 +144,16 @@ class ControlPlane:
         await self.server.stop(grace)
         metrics.shutdown(self.metrics_port)
         await self.notifier.stop()
-        await self.db.dispose()
+        await self.dispose_databases()
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
         log.info("control plane stopped")
+
+    async def dispose_databases(self) -> None:
+        """Close both connection pools."""
+        if self.dispatch_db is not None:
+            await self.dispatch_db.dispose()
+        await self.db.dispose()
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -220,14 +229,15 @@ def _register_servicers(cp: ControlPlane, server: grpc.aio.Server) -> None:
     cp.service_names.append(blob_service_pb2.DESCRIPTOR.services_by_name["BlobService"].full_name)
     cp.components.append(BlobCollector(blobs))
     # Workers (B2): the Connect stream, its claim loop, and the lease/deadline/cancel enforcers.
-    dispatcher = Dispatcher(cp.db, cp.notifier, cp.settings, cp.replica_id)
+    dispatch_db = cp.dispatch_db or cp.db
+    dispatcher = Dispatcher(dispatch_db, cp.notifier, cp.settings, cp.replica_id)
     worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
         WorkerService(dispatcher, assigned_job_to_proto), server
     )
     cp.service_names.append(
         worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
     )
-    cp.components += [dispatcher, LeaseEnforcers(cp.db, cp.settings)]
+    cp.components += [dispatcher, LeaseEnforcers(dispatch_db, cp.settings)]
 
 
 async def _become_ready(cp: ControlPlane, migrate: Callable[[], Awaitable[None]]) -> None:
@@ -263,6 +273,10 @@ async def start_server(
         await asyncio.to_thread(embedded.start)
         url = embedded.url()
     db = Database(url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
+    dispatch_db = None
+    if settings.db_dispatch_pool_size > 0:
+        size = settings.db_dispatch_pool_size
+        dispatch_db = Database(url, pool_size=size, max_overflow=size)
     notifier = Notifier(db.url)
 
     interceptors = [
@@ -283,6 +297,7 @@ async def start_server(
         replica_id=uuid.uuid4().hex[:12],
         health=health_servicer,
         embedded=embedded,
+        dispatch_db=dispatch_db,
     )
     _register_servicers(cp, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -295,7 +310,7 @@ async def start_server(
         if metrics.serve(settings.metrics_port, settings.metrics_addr):
             cp.metrics_port = settings.metrics_port
     except OSError as exc:
-        await db.dispose()
+        await cp.dispose_databases()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
         raise RuntimeError(
@@ -309,7 +324,7 @@ async def start_server(
         await server.start()
     except Exception as exc:
         metrics.shutdown(cp.metrics_port)
-        await db.dispose()
+        await cp.dispose_databases()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
         raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc

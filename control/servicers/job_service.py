@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -288,11 +289,18 @@ def spec_from_proto(spec: job_pb2.JobSpec, prefix: str = "job") -> JobSpec:
 # ---------------------------------------------------------------- servicer
 
 
+#: WatchProgress responses kept for reuse (recent events of the jobs being watched)
+RESPONSE_CACHE_SIZE = 4096
+
+
 class JobService(job_service_pb2_grpc.JobServiceServicer):
     """The client-facing job API."""
 
     def __init__(self, db: Database, notifier: Notifier, settings: Settings) -> None:
         self.jobs = JobsService(db, notifier, settings)
+        #: WatchProgress responses of recent events, (job id, seq) -> response: an event
+        #: fanned out to many watchers is converted once
+        self._responses: OrderedDict[tuple[Any, int], pb.WatchProgressResponse] = OrderedDict()
 
     async def Submit(
         self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
@@ -356,7 +364,19 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         tenant = current_principal().tenant
         job_id = parse_job_id(request.job_id)
         async for event in self.jobs.watch(tenant, job_id, request.after_seq):
-            yield pb.WatchProgressResponse(event=event_to_proto(event))
+            yield self._event_response(event)
+
+    def _event_response(self, event: Mapping[Any, Any]) -> pb.WatchProgressResponse:
+        """The response for an event, built once however many watchers receive it."""
+        key = (event["job_id"], event["seq"])
+        cache = self._responses
+        response = cache.get(key)
+        if response is None:
+            response = pb.WatchProgressResponse(event=event_to_proto(event))
+            cache[key] = response
+            if len(cache) > RESPONSE_CACHE_SIZE:
+                cache.popitem(last=False)
+        return response
 
     async def Retry(
         self, request: pb.RetryRequest, context: grpc.aio.ServicerContext

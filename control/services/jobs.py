@@ -500,11 +500,14 @@ class JobsService:
                     feed, inbox = await self.feeds.join(job_id)
                     catch_up = True
                     continue
-                try:
-                    event = await asyncio.wait_for(inbox.queue.get(), WATCH_IDLE_CHECK_S)
-                except TimeoutError:
-                    catch_up = True  # long silence: look at the database once
-                    continue
+                if not inbox.queue.empty():
+                    event = inbox.queue.get_nowait()  # no timer for an event already here
+                else:
+                    try:
+                        event = await asyncio.wait_for(inbox.queue.get(), WATCH_IDLE_CHECK_S)
+                    except TimeoutError:
+                        catch_up = True  # long silence: look at the database once
+                        continue
                 if inbox.take_lag() or event["seq"] > last + 1:
                     catch_up = True
                     continue
