@@ -36,6 +36,7 @@ from control.interceptors import (
     ErrorInterceptor,
     MalformedRequestInterceptor,
     RequestIdInterceptor,
+    ScopeChain,
 )
 from control.notify import Notifier
 from control.servicers.blob_service import BlobService
@@ -280,9 +281,11 @@ async def start_server(
     notifier = Notifier(db.url)
 
     interceptors = [
-        RequestIdInterceptor(),
-        auth.AuthInterceptor(_keys(settings)),
-        ErrorInterceptor(),
+        # One wrapper for the three scopes (request id + access log, outermost; auth;
+        # error mapping), in that order.
+        ScopeChain(
+            RequestIdInterceptor(), auth.AuthInterceptor(_keys(settings)), ErrorInterceptor()
+        ),
         # Innermost: its INVALID_ARGUMENT for unparsable bytes goes through the error mapping.
         MalformedRequestInterceptor(),
     ]
