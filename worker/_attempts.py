@@ -24,7 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from worker._outcome import COMPLETED, CRASHED, FAILED, Coalescer, Outcome, Progress
@@ -105,8 +105,6 @@ class Attempt:
     waiting_spec: dict[str, Any] | None = None
     kill_handle: Any = None
     timeout_handle: Any = None
-    #: the terminal outcome, once finished
-    terminal: Terminal | None = field(default=None)
 
     @property
     def state(self) -> str:
@@ -170,7 +168,8 @@ class AttemptEvents(Protocol):
         """A prefetched attempt left without using a slot: credits may be due."""
 
 
-Schedule = Callable[[float, Callable[..., None], Any], Any]
+#: call_later(delay_s, fn, *args) -> a handle with cancel() (asyncio's, or a fake clock's)
+CallLater = Callable[..., Any]
 
 
 class Attempts:
@@ -182,7 +181,7 @@ class Attempts:
         events: AttemptEvents,
         *,
         prefetch: int = 0,
-        call_later: Schedule | None = None,
+        call_later: CallLater | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._slots = slots
@@ -284,8 +283,7 @@ class Attempts:
         run.finished = True
         self.unfinished -= 1
         last = run.progress.finish()
-        run.terminal = decide(run, outcome)
-        self._events.finished(run, run.terminal, last, outcome)
+        self._events.finished(run, decide(run, outcome), last, outcome)
 
     # -- Cancel, timeout, forced stop -----------------------------------------
     def cancel(self, key: JobKey, grace_s: float, reason: str = "") -> None:
