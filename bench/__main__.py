@@ -1,6 +1,6 @@
 """`make bench`: run the benchmarks and record what they measured, and on what.
 
-    python -m bench                     # dispatch, media, quality, throughput (long)
+    python -m bench                     # dispatch, media, quality, scale, throughput (long)
     python -m bench --quick             # smaller runs of each, 1-2 minutes
     python -m bench --only quality      # one bench (repeatable)
 
@@ -37,6 +37,7 @@ BENCHES: dict[str, tuple[list[str], list[str]]] = {
     "dispatch": ([], ["--jobs", "60", "--cancels", "10", "--workers", "2"]),
     "media": ([], ["--frames", "72", "--rss-seconds", "10"]),
     "quality": ([], ["--small"]),
+    "scale": ([], ["--quick"]),
     "throughput": ([], ["--quick"]),
 }
 

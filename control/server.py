@@ -39,7 +39,7 @@ from control.interceptors import (
 )
 from control.notify import Notifier
 from control.servicers.blob_service import BlobService
-from control.servicers.job_service import JobService, job_to_proto
+from control.servicers.job_service import JobService, assigned_job_to_proto
 from control.servicers.worker_service import WorkerService
 from control.services.blobs import BlobCollector, Blobs
 from control.services.dispatch import Dispatcher
@@ -222,7 +222,7 @@ def _register_servicers(cp: ControlPlane, server: grpc.aio.Server) -> None:
     # Workers (B2): the Connect stream, its claim loop, and the lease/deadline/cancel enforcers.
     dispatcher = Dispatcher(cp.db, cp.notifier, cp.settings, cp.replica_id)
     worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
-        WorkerService(dispatcher, job_to_proto), server
+        WorkerService(dispatcher, assigned_job_to_proto), server
     )
     cp.service_names.append(
         worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name

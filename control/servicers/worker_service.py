@@ -22,6 +22,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from control import auth, validate
 from control.errors import FailedPrecondition, InvalidArgument, SpoolError, abort
+from control.servicers import job_service
 from control.services import dispatch
 from spool import batching
 from spool.v1 import job_pb2, worker_service_pb2, worker_service_pb2_grpc
@@ -59,10 +60,7 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 
 
 def _timestamp(dt: Any) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    if dt is not None:
-        ts.FromDatetime(dt)
-    return ts
+    return job_service.timestamp(dt) or timestamp_pb2.Timestamp()
 
 
 def _refs(refs: Any) -> list[tuple[str, int]]:
@@ -240,7 +238,7 @@ class WorkerService(worker_service_pb2_grpc.WorkerServiceServicer):
 
     def __init__(self, dispatcher: dispatch.Dispatcher, job_to_proto: Any) -> None:
         self.dispatcher = dispatcher
-        # Row → spool.v1.Job, shared with JobService so both speak the same Job.
+        # Row → the spool.v1.Job of an Assign (control.servicers.job_service).
         self.job_to_proto = job_to_proto
 
     def _to_proto(self, out: dispatch.Outbound) -> Response:

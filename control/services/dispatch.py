@@ -789,17 +789,13 @@ class Dispatcher:
         return result
 
     async def _claim_tx(self, session: WorkerSession, hello: Hello, now: datetime):
-        """Claim for one session: one autocommit statement in the common case (no keys)."""
-        async with self.db.autocommit() as conn:
-            result, keyed = await store.claim_unkeyed(
-                conn, session.worker_id, hello.job_types, hello.labels, session.credits, now,
+        """Claim for one session, in a transaction: a claimed row that cannot be read back
+        (a stored value this process cannot decode) must leave the job QUEUED."""
+        async with self.db.session() as s, s.begin():
+            return await store.claim_jobs(
+                s, session.worker_id, hello.job_types, hello.labels, session.credits, now,
                 lease_s=self.settings.lease_s, tenants=session.tenants,
             )  # fmt: skip
-        if keyed.candidates:
-            # Keyed jobs start under their keys' row locks: a transaction.
-            async with self.db.session() as s, s.begin():
-                await store.start_keyed(s, result, keyed)
-        return result
 
     async def _quarantine_unclaimable(self, session: WorkerSession, exc: Exception) -> None:
         """Find the candidates a claim cannot start and FAIL them, so dispatch goes on.

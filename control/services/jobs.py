@@ -487,8 +487,9 @@ class JobsService:
                                 return
                         if len(batch) < WATCH_BATCH:
                             break
-                    if not batch or last > after_seq:
-                        # Caught up: past the end already (a resumed watch)?
+                    # Caught up: past the end already (a resumed watch, or the job is
+                    # gone)? A watch from the start has just read every event: it knows.
+                    if not batch or (last > after_seq > 0):
                         job = await self._one(lambda s: store.get_job(s, tenant, job_id))
                         if job is None:
                             return  # deleted while watched

@@ -229,45 +229,9 @@ async def claim_jobs(
     claim to one job (to find a job that makes claims fail, see
     `claim_candidates`).
     """
-    result, keyed = await claim_unkeyed(
-        session, worker_id, job_types, worker_labels, limit, now,
-        lease_s=lease_s, tenants=tenants, only_id=only_id,
-    )  # fmt: skip
-    if keyed.candidates:
-        await start_keyed(session, result, keyed)
-    return result
-
-
-@dataclass
-class KeyedCandidates:
-    """Claim candidates with a concurrency key, found but not started (see `start_keyed`)."""
-
-    candidates: list[JobRow] = field(default_factory=list)
-    args: dict[str, Any] = field(default_factory=dict)
-
-
-async def claim_unkeyed(
-    session: AsyncSession,
-    worker_id: str,
-    job_types: Sequence[str],
-    worker_labels: Mapping[str, str],
-    limit: int,
-    now: datetime,
-    *,
-    lease_s: float,
-    tenants: Sequence[str] | None = None,
-    only_id: str | None = None,
-) -> tuple[ClaimResult, KeyedCandidates]:
-    """The first half of `claim_jobs`, one statement: starts the unkeyed candidates and
-    returns the keyed ones.
-
-    One statement, so it may run on an autocommit connection (one round trip);
-    the keyed candidates are then no longer locked, and `start_keyed` (in a
-    transaction) re-checks them under their key locks.
-    """
     result = ClaimResult()
     if limit <= 0 or not job_types:
-        return result, KeyedCandidates()
+        return result
     args = {
         "now": now,
         "types": list(job_types),
@@ -280,15 +244,13 @@ async def claim_unkeyed(
         "max_timeout_ms": MAX_TIMEOUT_MS,
     }
     rows = (await session.execute(_CLAIM_SQL, args)).mappings().all()
+    keyed = [r for r in rows if not r["started"]]
     result.jobs = [r for r in rows if r["started"]]
-    return result, KeyedCandidates([r for r in rows if not r["started"]], args)
-
-
-async def start_keyed(session: AsyncSession, result: ClaimResult, keyed: KeyedCandidates) -> None:
-    """Start the keyed candidates their keys still allow (in a transaction), into `result`."""
-    started, result.retry_at = await _start_keyed(session, keyed.candidates, keyed.args)
-    result.jobs.extend(started)
-    result.held_back = len(started) < len(keyed.candidates)
+    if keyed:
+        started, result.retry_at = await _start_keyed(session, keyed, args)
+        result.jobs.extend(started)
+        result.held_back = len(started) < len(keyed)
+    return result
 
 
 async def _start_keyed(

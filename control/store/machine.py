@@ -431,7 +431,11 @@ def build(t: Transition) -> sa.TextClause:
     """The one statement of transition `t` (see the module docstring)."""
     source, locked = _locked(t)
     returning = "j.*" if t.full_rows else "j.id, j.type, j.state, j.attempt, j.error, j.last_seq"
-    returning += ", t.prev_worker" + "".join(f", t.{c} AS in_{c}" for c in t.inputs)
+    # The inputs come back for the events and to match rows to inputs; not the JSON
+    # ones (nothing needs them, and decoding them is work).
+    returning += ", t.prev_worker" + "".join(
+        f", t.{c} AS in_{c}" for c, ty in t.inputs.items() if ty != "jsonb"
+    )
     sql = f"""
     WITH {source}old AS (
         {locked}

@@ -409,7 +409,13 @@ class ConnectResponse(_message.Message):
         LEASE_DEADLINE_FIELD_NUMBER: _builtins.int
         attempt: _builtins.int
         @_builtins.property
-        def job(self) -> _job_pb2.Job: ...
+        def job(self) -> _job_pb2.Job:
+            """The job as its handler sees it: id, tenant, type, params, inputs,
+            priority, labels, timeout, attempts, worker, create and start times,
+            request id, last_seq (what a running attempt cannot have yet, such as
+            outputs, result or error, is left out).
+            """
+
         @_builtins.property
         def lease_deadline(self) -> _timestamp_pb2.Timestamp: ...
         def __init__(

@@ -70,6 +70,7 @@ class WorkerProcess:
         types: str = WORKER_TYPES,
         token: str = WORKER_KEY,
         drain_grace_s: float = 1.0,
+        prefetch: int = 0,
     ) -> None:
         self.worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}"
         self.log_path = tmp / f"{self.worker_id}.log"
@@ -80,6 +81,7 @@ class WorkerProcess:
             "SPOOL_WORKER_ID": self.worker_id,
             "SPOOL_WORKER_NAME": self.worker_id,
             "SPOOL_WORKER_SLOTS": str(slots),
+            "SPOOL_WORKER_PREFETCH": str(prefetch),
             "SPOOL_WORKER_LABELS": labels,
             "SPOOL_WORKER_TYPES": types,
             "SPOOL_WORKER_HANDLERS": "e2e_handlers",
@@ -273,20 +275,30 @@ class RawWorker:
         self.incoming: asyncio.Queue[Any] = asyncio.Queue()
         #: Ack entries as they came ((job_id, attempt) -> the entry), kept apart from `incoming`
         self.acks: dict[tuple[str, int], Any] = {}
+        #: the size of each Batch received (its messages go to `incoming` one by one)
+        self.batches: list[int] = []
         self._reader = asyncio.create_task(self._read_all())
 
     async def _read_all(self) -> None:
         try:
             async for msg in self.call:
-                if msg.WhichOneof("message") == "ack":
-                    for entry in msg.ack.outcomes:
-                        self.acks[(entry.ref.job_id, entry.ref.attempt)] = entry
-                    continue
-                self.incoming.put_nowait(msg)
+                if msg.WhichOneof("message") == "batch":
+                    self.batches.append(len(msg.batch.messages))
+                    for item in msg.batch.messages:
+                        self._take(item)
+                else:
+                    self._take(msg)
         except grpc.aio.AioRpcError as exc:
             self.incoming.put_nowait(exc)
         except asyncio.CancelledError:
             pass
+
+    def _take(self, msg: Any) -> None:
+        if msg.WhichOneof("message") == "ack":
+            for entry in msg.ack.outcomes:
+                self.acks[(entry.ref.job_id, entry.ref.attempt)] = entry
+        else:
+            self.incoming.put_nowait(msg)
 
     async def _requests(self):
         while (msg := await self.outgoing.get()) is not None:
@@ -295,7 +307,16 @@ class RawWorker:
     def send(self, **kwargs: Any) -> None:
         self.outgoing.put_nowait(Req(**kwargs))
 
-    def hello(self, worker_id: str, slots: int = 4, running=(), types=("debug.noop",)) -> None:
+    def hello(
+        self,
+        worker_id: str,
+        slots: int = 4,
+        running=(),
+        types=("debug.noop",),
+        *,
+        batches: bool = False,
+        prefetch: int = 0,
+    ) -> None:
         self.send(
             hello=Req.Hello(
                 worker_id=worker_id,
@@ -303,6 +324,8 @@ class RawWorker:
                 job_types=list(types),
                 slots=slots,
                 running=[Ref(job_id=j, attempt=a) for j, a in running],
+                accepts_batches=batches,
+                prefetch=prefetch,
             )
         )
 
