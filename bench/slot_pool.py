@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worker._outcome import Outcome
 from worker._slots import SlotCallbacks, SlotPool
 
 CASES = ("bench.noop_thread", "bench.noop_process", "bench.workdir_thread",
@@ -63,8 +64,8 @@ async def run_case(job_type: str, jobs: int, slots: int, root: Path) -> tuple[fl
         elif pool.idle_count() == slots:  # every slot process is up
             ready.set()
 
-    def on_done(key: Any, outcome: dict[str, Any]) -> None:
-        if outcome["status"] != "completed":
+    def on_done(key: Any, outcome: Outcome) -> None:
+        if outcome.status != "completed":
             raise RuntimeError(f"{key}: {outcome}")
         state["finished"] += 1
         if state["finished"] == jobs:

@@ -3,14 +3,12 @@
 A job runs either in a slot subprocess (`worker._slot_child`, the default) or
 on a thread of the worker process (`Handler.isolation = "thread"`, see
 `worker._slots`). Both call `run_attempt`, so params validation, the context,
-output upload and the outcome dict are the same wherever the job lands; only
+output upload and the `Outcome` are the same wherever the job lands; only
 where progress goes (`send_progress`) and where the cancel flag lives differ.
 
-Outcome dicts (what `SlotCallbacks.on_done` receives):
-    {"status": "completed", "result": {...}, "outputs": [uri, ...]}
-    {"status": "failed", "code", "message", "retryable", "retry_delay_s"?}
-    {"status": "cancelled"}
-and, from the pool rather than from here, "killed" and "crashed".
+`run_attempt` returns an `Outcome` (worker._outcome) with status completed,
+failed or cancelled; the pool adds killed and crashed. Progress leaves through
+one `Coalescer` per attempt.
 """
 
 from __future__ import annotations
@@ -19,13 +17,13 @@ import json
 import logging
 import shutil
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from worker._context import BaseJobContext
+from worker._outcome import Coalescer, Outcome, Progress
 from worker.sdk import Cancelled, Handler, JobError
 
 log = logging.getLogger("spool.worker.slot")
@@ -33,68 +31,20 @@ log = logging.getLogger("spool.worker.slot")
 #: the fastest one job's progress is forwarded out of the runner (to the pipe or the loop)
 CHILD_PROGRESS_INTERVAL_S = 0.05
 
-#: where a runner sends one job's coalesced progress dicts
-ProgressSink = Callable[[dict[str, Any]], None]
-
-
-class ProgressForwarder:
-    """Latest-wins forwarding of one job's progress, at most every CHILD_PROGRESS_INTERVAL_S."""
-
-    def __init__(self, send: ProgressSink) -> None:
-        self._send = send
-        self._lock = threading.Lock()
-        self._pending: dict[str, Any] | None = None
-        self._last_sent = 0.0
-        self._closed = False
-        self._timer: threading.Timer | None = None
-
-    def emit(self, progress: dict[str, Any]) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            wait = self._last_sent + CHILD_PROGRESS_INTERVAL_S - time.monotonic()
-            if wait <= 0 and self._timer is None:
-                self._pending = None
-                self._last_sent = time.monotonic()
-                self._send(progress)
-                return
-            self._pending = progress
-            if self._timer is None:
-                self._timer = threading.Timer(max(wait, 0.0), self._flush_timer)
-                self._timer.daemon = True
-                self._timer.start()
-
-    def _flush_timer(self) -> None:
-        with self._lock:
-            self._timer = None
-            self._send_pending()
-
-    def _send_pending(self) -> None:
-        if self._pending is not None and not self._closed:
-            self._send(self._pending)
-            self._pending = None
-            self._last_sent = time.monotonic()
-
-    def close(self) -> None:
-        """Send what is pending (the final value) and stop forwarding."""
-        with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._send_pending()
-            self._closed = True
+#: where a runner sends one job's coalesced progress
+ProgressSink = Callable[[Progress], None]
 
 
 class AttemptContext(BaseJobContext):
     """The `JobContext` handlers get in a slot process or on a worker thread."""
 
-    def __init__(self, *, forwarder: ProgressForwarder, cancel_flag: Any, **kw: Any) -> None:
+    def __init__(self, *, coalescer: Coalescer[Progress], cancel_flag: Any, **kw: Any) -> None:
         super().__init__(**kw)
-        self._forwarder = forwarder
+        self._coalescer = coalescer
         self._cancel_flag = cancel_flag
 
-    def _emit_progress(self, progress: dict[str, Any]) -> None:
-        self._forwarder.emit(progress)
+    def _emit_progress(self, progress: Progress) -> None:
+        self._coalescer.emit(progress)
 
     @property
     def cancelled(self) -> bool:
@@ -202,8 +152,8 @@ def run_attempt(
     config: dict[str, Any],
     send_progress: ProgressSink,
     cancel_flag: Any,
-) -> dict[str, Any]:
-    """Run one job to an outcome dict; never raises an `Exception`.
+) -> Outcome:
+    """Run one job to its `Outcome`; never raises an `Exception`.
 
     `send_progress` gets the coalesced progress dicts (the final one before
     this returns); `cancel_flag` is anything with `is_set()` (a
@@ -215,12 +165,12 @@ def run_attempt(
 
     handler = handlers.get(job["type"])
     if handler is None:
-        return {"status": "failed", "code": "UNKNOWN_JOB_TYPE", "retryable": False,
-                "message": f"this worker has no handler for {job['type']!r}"}  # fmt: skip
-    forwarder = ProgressForwarder(send_progress)
+        return Outcome.failed("UNKNOWN_JOB_TYPE", f"this worker has no handler for {job['type']!r}",
+                              retryable=False)  # fmt: skip
+    coalescer = Coalescer(send_progress, CHILD_PROGRESS_INTERVAL_S, threadsafe=True)
     holder: list = []
     ctx = AttemptContext(
-        forwarder=forwarder,
+        coalescer=coalescer,
         cancel_flag=cancel_flag,
         job_id=job["job_id"],
         attempt=job["attempt"],
@@ -236,32 +186,25 @@ def run_attempt(
     try:
         params = validate_params(handler, job.get("params"))
         out = handler.run(ctx, params)
-        forwarder.close()
+        coalescer.close()
         try:
             result = json.loads(json.dumps(out if out is not None else {}))
         except (TypeError, ValueError) as exc:
-            return {"status": "failed", "code": "INVALID_RESULT", "retryable": False,
-                    "message": f"result is not JSON: {exc}"}  # fmt: skip
+            return Outcome.failed("INVALID_RESULT", f"result is not JSON: {exc}", retryable=False)
         if not isinstance(result, dict):
-            return {"status": "failed", "code": "INVALID_RESULT", "retryable": False,
-                    "message": f"result must be a dict, got {type(out).__name__}"}  # fmt: skip
+            return Outcome.failed("INVALID_RESULT", f"result must be a dict, got "
+                                  f"{type(out).__name__}", retryable=False)  # fmt: skip
         outputs = _upload_outputs(config, job, ctx.outputs())
-        return {"status": "completed", "result": result, "outputs": outputs}
+        return Outcome.completed(result, outputs)
     except Cancelled:
-        return {"status": "cancelled"}
+        return Outcome.cancelled()
     except JobError as exc:
-        return {
-            "status": "failed",
-            "code": exc.code,
-            "message": exc.message[:2000],
-            "retryable": bool(exc.retryable),
-            "retry_delay_s": exc.retry_delay_s,
-        }
+        return Outcome.failed(exc.code, exc.message[:2000], retryable=bool(exc.retryable),
+                              retry_delay_s=exc.retry_delay_s)  # fmt: skip
     except Exception as exc:
         log.error("job %s attempt %s (%s) failed:\n%s", job["job_id"], job["attempt"],
                   job["type"], traceback.format_exc())  # fmt: skip
-        return {"status": "failed", "code": "HANDLER_ERROR", "retryable": True,
-                "message": f"{type(exc).__name__}: {exc}"[:2000]}  # fmt: skip
+        return Outcome.failed("HANDLER_ERROR", f"{type(exc).__name__}: {exc}"[:2000])
     finally:
-        forwarder.close()
+        coalescer.close()
         ctx.remove_workdir()

@@ -17,9 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlparse
 
+from worker._outcome import Progress
 from worker.sdk import JobContext, PermanentError
 
 #: output names become file names: keep them to one safe path component
@@ -72,8 +72,8 @@ def build_progress(
     *,
     started_at: float,
     now: float,
-) -> dict[str, Any]:
-    """Normalise one `ctx.progress(...)` call into a progress dict.
+) -> Progress:
+    """Normalise one `ctx.progress(...)` call into a `Progress` dict.
 
     Keys: fraction, done, total, unit, stage, message, rate (units/s, from
     `done` since the job started), eta_s (seconds, when derivable), time
@@ -199,7 +199,7 @@ class BaseJobContext(JobContext):
             )
         )
 
-    def _emit_progress(self, progress: dict[str, Any]) -> None:
+    def _emit_progress(self, progress: Progress) -> None:
         raise NotImplementedError
 
     # -- inputs and outputs -------------------------------------------------

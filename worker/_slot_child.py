@@ -10,8 +10,9 @@ it, kills the whole process and starts a new one.
 
 Messages child -> parent (tuples over the pipe):
     ("ready", {"types": [...], "failed": {type: error}, "device": {...}, "cuda_memory": …})
-    ("progress", job_id, attempt, progress_dict)
-    ("done", job_id, attempt, outcome_dict)   # outcome_dict["cuda_memory"] as in ready
+    ("progress", job_id, attempt, Progress)
+    ("done", job_id, attempt, Outcome)   # Outcome.cuda_memory as in ready
+(`Progress` and `Outcome` from `worker._outcome`.)
 `cuda_memory` (only on CUDA) is this process's allocator figures, for the
 agent's metrics.
 Messages parent -> child: ("run", job_dict) and ("stop",).
@@ -33,6 +34,7 @@ from worker._attempt import (
     run_attempt,
     setup_handlers,
 )
+from worker._outcome import Progress
 
 log = logging.getLogger("spool.worker.slot")
 
@@ -163,12 +165,12 @@ def slot_main(conn: Any, cancel_event: Any, config: dict[str, Any]) -> None:
             job = msg[1]
             key = (job["job_id"], job["attempt"])
 
-            def send_progress(progress: dict[str, Any], key: tuple = key) -> None:
+            def send_progress(progress: Progress, key: tuple = key) -> None:
                 link.send(("progress", *key, progress))
 
             outcome = run_attempt(job, handlers, device, config, send_progress, cancel_event)
             # The peak is per job: read it, then reset it for the next one.
             memory = cuda_memory(device, reset_peak=True)
             if memory is not None:
-                outcome["cuda_memory"] = memory
+                outcome.cuda_memory = memory
             link.send(("done", *key, outcome))

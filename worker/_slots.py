@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker._attempt import run_attempt, setup_handlers
+from worker._outcome import Outcome, Progress
 from worker._slot_child import resolve_device, slot_main
 from worker.handlers import thread_handlers
 from worker.sdk import Handler
@@ -57,9 +58,9 @@ class SlotCallbacks:
     #: a slot became free to take a job (first start, job done, restart)
     on_idle: Callable[[], None]
     #: coalesced progress of a running job
-    on_progress: Callable[[JobKey, dict[str, Any]], None]
+    on_progress: Callable[[JobKey, Progress], None]
     #: the one outcome of a job: status completed|failed|cancelled|killed|crashed
-    on_done: Callable[[JobKey, dict[str, Any]], None]
+    on_done: Callable[[JobKey, Outcome], None]
 
 
 @dataclass
@@ -380,7 +381,7 @@ class SlotPool:
             self._abandoned += 1
             log.warning("abandoning the thread of job %s attempt %s (it cannot be killed; "
                         "%d abandoned thread(s) still running)", *key, self._abandoned)  # fmt: skip
-            self._cb.on_done(key, {"status": "killed"})
+            self._cb.on_done(key, Outcome.killed())
             assert self._loop is not None
             self._loop.call_soon(self._on_thread_slot_free)
             return True
@@ -392,7 +393,7 @@ class SlotPool:
         slot.process.kill()
         slot.state = "restarting"
         slot.job = None
-        self._cb.on_done(key, {"status": "killed"})
+        self._cb.on_done(key, Outcome.killed())
         self._restart_later(slot, 0.0)
         return True
 
@@ -418,10 +419,10 @@ class SlotPool:
         )
         return run
 
-    def _run_thread_job(self, run: ThreadJob, job: dict[str, Any]) -> dict[str, Any]:
+    def _run_thread_job(self, run: ThreadJob, job: dict[str, Any]) -> Outcome:
         """On a pool thread: run the job to its outcome (handed to the loop after)."""
 
-        def send_progress(progress: dict[str, Any]) -> None:
+        def send_progress(progress: Progress) -> None:
             self._post(self._on_thread_progress, run, progress)
 
         try:
@@ -430,7 +431,7 @@ class SlotPool:
         except BaseException as exc:  # SystemExit from a handler: what a slot would die of
             log.error("job %s attempt %s ended its thread: %r", *run.key, exc)
             code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else None
-            outcome = {"status": "crashed", "exit_code": code}
+            outcome = Outcome.crashed(code)
         return outcome
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
@@ -438,15 +439,15 @@ class SlotPool:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
             self._loop.call_soon_threadsafe(fn, *args)
 
-    def _on_thread_progress(self, run: ThreadJob, progress: dict[str, Any]) -> None:
+    def _on_thread_progress(self, run: ThreadJob, progress: Progress) -> None:
         if not run.abandoned:
             self._cb.on_progress(run.key, progress)
 
-    def _on_thread_done(self, run: ThreadJob, outcome: dict[str, Any]) -> None:
+    def _on_thread_done(self, run: ThreadJob, outcome: Outcome) -> None:
         if run.abandoned:
             self._abandoned -= 1
             log.info("abandoned job %s attempt %s returned (%s); outcome dropped",
-                     *run.key, outcome.get("status"))  # fmt: skip
+                     *run.key, outcome.status)  # fmt: skip
             return
         self._thread_jobs.pop(run.key, None)
         self._cb.on_done(run.key, outcome)
@@ -477,8 +478,8 @@ class SlotPool:
             if slot.state == "busy" and slot.job == key:
                 slot.state = "idle"
                 slot.job = None
-                if "cuda_memory" in msg[3]:  # the slot's latest CUDA figures (metrics)
-                    slot.info["cuda_memory"] = msg[3]["cuda_memory"]
+                if msg[3].cuda_memory is not None:  # the slot's latest CUDA figures (metrics)
+                    slot.info["cuda_memory"] = msg[3].cuda_memory
                 self._cb.on_done(key, msg[3])
                 self._cb.on_idle()
         elif kind == "ready":
@@ -500,7 +501,7 @@ class SlotPool:
         slot.job = None
         log.error("slot %d process died (exit code %s) while %s", slot.index, code, was)
         if was == "busy" and key is not None:
-            self._cb.on_done(key, {"status": "crashed", "exit_code": code})
+            self._cb.on_done(key, Outcome.crashed(code))
         if self._first_ready is not None and not self._first_ready.done() and was == "starting":
             # Setup crashed the process: surface it instead of waiting forever.
             self._first_ready.set_exception(

@@ -27,6 +27,7 @@ from typing import Any
 import pydantic
 
 from worker._context import BaseJobContext
+from worker._outcome import Progress
 from worker.sdk import Cancelled, Handler, JobError, PermanentError, RetryableError
 
 
@@ -62,10 +63,10 @@ class FakeJobContext(BaseJobContext):
             logger=logger,
         )
         #: every progress report, in call order, un-coalesced
-        self.progress_calls: list[dict[str, Any]] = []
+        self.progress_calls: list[Progress] = []
         self._cancel = threading.Event()
 
-    def _emit_progress(self, progress: dict[str, Any]) -> None:
+    def _emit_progress(self, progress: Progress) -> None:
         with self._lock:
             self.progress_calls.append(progress)
 
@@ -91,7 +92,7 @@ class HarnessResult:
     #: True if the handler stopped with `Cancelled`
     cancelled: bool = False
     #: every progress report, in call order, un-coalesced
-    progress: list[dict[str, Any]] = field(default_factory=list)
+    progress: list[Progress] = field(default_factory=list)
     #: outputs written through `ctx.output_path`, name -> local path
     outputs: dict[str, Path] = field(default_factory=dict)
     #: the formatted traceback of an unexpected exception, for debugging

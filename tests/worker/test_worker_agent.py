@@ -120,7 +120,7 @@ async def test_failures_fail_only_their_job(control: FakeControl, start_agent):
 
 
 async def test_local_timeout_backstop(control: FakeControl, start_agent, monkeypatch):
-    monkeypatch.setattr("worker.agent.LOCAL_TIMEOUT_MARGIN_S", 0.1)
+    monkeypatch.setattr("worker._attempts.LOCAL_TIMEOUT_MARGIN_S", 0.1)
     await start_agent(control, slots=1)
     job = make_job("debug.sleep", {"duration": 30, "steps": 30})
     job.timeout.FromNanoseconds(300_000_000)

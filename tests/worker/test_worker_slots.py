@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from worker._outcome import Outcome
 from worker._slot_child import CHILD_PROGRESS_INTERVAL_S
 from worker._slots import SlotCallbacks, SlotPool
 
@@ -24,7 +25,7 @@ class Recorder:
     def __init__(self) -> None:
         self.idle = 0
         self.progress: dict[tuple, list] = {}
-        self.done: dict[tuple, dict] = {}
+        self.done: dict[tuple, Outcome] = {}
 
     def callbacks(self) -> SlotCallbacks:
         return SlotCallbacks(
@@ -86,9 +87,9 @@ async def test_setup_once_across_jobs_and_restart_after_forced_stop(pool: SlotPo
         key = (f"p{i}", 1)
         assert pool.start_job(key, job(key[0], "test.probe")) is not None
         await wait_for(lambda k=key: k in rec.done)
-        assert rec.done[key]["status"] == "completed"
-        assert rec.done[key]["result"]["setups"] == 1
-        pids.append(rec.done[key]["result"]["pid"])
+        assert rec.done[key].status == "completed"
+        assert rec.done[key].result["setups"] == 1
+        pids.append(rec.done[key].result["pid"])
     assert len(set(pids)) == 1
 
     # A handler that ignores cancel: the flag is set, it keeps going, it is killed.
@@ -100,13 +101,13 @@ async def test_setup_once_across_jobs_and_restart_after_forced_stop(pool: SlotPo
     await asyncio.sleep(0.2)
     assert key not in rec.done
     assert pool.kill_job(key)
-    assert rec.done[key] == {"status": "killed"}
+    assert rec.done[key] == Outcome.killed()
     await wait_for(lambda: pool.idle_count() == 1)
     key = ("after", 1)
     pool.start_job(key, job("after", "test.probe"))
     await wait_for(lambda: key in rec.done)
-    assert rec.done[key]["result"]["pid"] not in pids
-    assert rec.done[key]["result"]["setups"] == 1
+    assert rec.done[key].result["pid"] not in pids
+    assert rec.done[key].result["setups"] == 1
 
 
 async def test_cooperative_cancel_and_failures_stay_local(pool: SlotPool, tmp_path: Path):
@@ -120,7 +121,7 @@ async def test_cooperative_cancel_and_failures_stay_local(pool: SlotPool, tmp_pa
     t0 = time.monotonic()
     pool.cancel(key)
     await wait_for(lambda: key in rec.done)
-    assert rec.done[key]["status"] == "cancelled"
+    assert rec.done[key].status == "cancelled"
     assert time.monotonic() - t0 < 2.0
 
     await wait_for(lambda: pool.idle_count() == 1)
@@ -128,38 +129,38 @@ async def test_cooperative_cancel_and_failures_stay_local(pool: SlotPool, tmp_pa
     pool.start_job(key, job("b", "test.boom"))
     await wait_for(lambda: key in rec.done)
     out = rec.done[key]
-    assert out["status"] == "failed" and out["code"] == "HANDLER_ERROR" and out["retryable"]
-    assert out["message"] == "ValueError: kaboom"
+    assert out.status == "failed" and out.code == "HANDLER_ERROR" and out.retryable
+    assert out.message == "ValueError: kaboom"
 
     key = ("v", 1)
     pool.start_job(key, job("v", "debug.sleep", {"duration": "soon"}))
     await wait_for(lambda: key in rec.done)
-    assert rec.done[key]["code"] == "INVALID_PARAMS" and not rec.done[key]["retryable"]
+    assert rec.done[key].code == "INVALID_PARAMS" and not rec.done[key].retryable
 
     key = ("f", 1)
     pool.start_job(key, job("f", "debug.sleep", {"duration": 0, "steps": 2, "fail_at": 2,
                                                  "fail_permanent": True}))  # fmt: skip
     await wait_for(lambda: key in rec.done)
-    assert rec.done[key]["code"] == "DEBUG_FAIL" and not rec.done[key]["retryable"]
+    assert rec.done[key].code == "DEBUG_FAIL" and not rec.done[key].retryable
 
     src = tmp_path / "in.bin"
     src.write_bytes(b"abc")
     key = ("w", 1)
     pool.start_job(key, job("w", "test.writer", inputs=[src.as_uri()]))
     await wait_for(lambda: key in rec.done)
-    assert rec.done[key]["status"] == "completed", rec.done[key]
-    assert len(rec.done[key]["outputs"]) == 1
+    assert rec.done[key].status == "completed", rec.done[key]
+    assert len(rec.done[key].outputs) == 1
 
     # The process dies under a handler: that job fails, the slot comes back.
     key = ("x", 1)
     pool.start_job(key, job("x", "test.crash"))
     await wait_for(lambda: key in rec.done)
-    assert rec.done[key]["status"] == "crashed"
+    assert rec.done[key].status == "crashed"
     await wait_for(lambda: pool.idle_count() == 1)
     key = ("ok", 1)
     pool.start_job(key, job("ok", "debug.noop"))
     await wait_for(lambda: key in rec.done)
-    assert rec.done[key] == {"status": "completed", "result": {}, "outputs": []}
+    assert rec.done[key] == Outcome.completed({}, [])
 
 
 async def test_progress_is_coalesced_in_the_slot(pool: SlotPool):
@@ -192,10 +193,10 @@ async def test_thread_jobs_run_in_this_process_with_coalesced_progress(pool: Slo
     assert pool.start_job(("more", 1), job("more", "test.probe")) is None
     await wait_for(lambda: key in rec.done)
     out = rec.done[key]
-    assert out["status"] == "completed" and out["outputs"] == []
-    assert out["result"]["pid"] == os.getpid()
-    assert out["result"]["thread"].startswith("spool-thread-job-")
-    assert out["result"]["setups"] == 1 and out["result"]["device"] == "cpu"
+    assert out.status == "completed" and out.outputs == []
+    assert out.result["pid"] == os.getpid()
+    assert out.result["thread"].startswith("spool-thread-job-")
+    assert out.result["setups"] == 1 and out.result["device"] == "cpu"
     assert pool.idle_count() == 1
 
     # Progress goes through the same coalescing as in a slot, onto the loop.
@@ -206,33 +207,32 @@ async def test_thread_jobs_run_in_this_process_with_coalesced_progress(pool: Slo
     span = reports[-1]["time"] - reports[0]["time"]
     assert 3 <= len(reports) <= span / CHILD_PROGRESS_INTERVAL_S + 2
     assert reports[-1]["stage"] == "final" and reports[-1]["fraction"] == 1.0
-    assert rec.done[key]["result"] == {"n": 10**6}
+    assert rec.done[key].result == {"n": 10**6}
 
     # Outcomes have the slot child's shape: failures, cancel, outputs.
     key = ("tf", 1)
     pool.start_job(key, job("tf", "test.thread_sleep", {"duration": 0, "steps": 2, "fail_at": 1,
                                                         "retry_delay": 2.5}))  # fmt: skip
     await wait_for(lambda: key in rec.done)
-    assert rec.done[key] == {"status": "failed", "code": "DEBUG_FAIL", "retryable": True,
-                             "retry_delay_s": 2.5,
-                             "message": "debug.sleep failed at step 1 as asked"}  # fmt: skip
+    assert rec.done[key] == Outcome.failed("DEBUG_FAIL", "debug.sleep failed at step 1 as asked",
+                                           retry_delay_s=2.5)  # fmt: skip
     key = ("tv", 1)
     pool.start_job(key, job("tv", "test.thread_sleep", {"duration": "soon"}))
     await wait_for(lambda: key in rec.done)
-    assert rec.done[key]["code"] == "INVALID_PARAMS" and not rec.done[key]["retryable"]
+    assert rec.done[key].code == "INVALID_PARAMS" and not rec.done[key].retryable
     key = ("tx", 1)
     pool.start_job(key, job("tx", "test.thread_sleep", {"duration": 30, "steps": 30}))
     await asyncio.sleep(0.1)
     assert pool.cancel(key)
     await wait_for(lambda: key in rec.done, 2.0)
-    assert rec.done[key] == {"status": "cancelled"}
+    assert rec.done[key] == Outcome.cancelled()
     src = tmp_path / "in.bin"
     src.write_bytes(b"abcd")
     key = ("tw", 1)
     pool.start_job(key, job("tw", "test.thread_writer", inputs=[src.as_uri()]))
     await wait_for(lambda: key in rec.done)
-    assert rec.done[key]["status"] == "completed", rec.done[key]
-    [uri] = rec.done[key]["outputs"]
+    assert rec.done[key].status == "completed", rec.done[key]
+    [uri] = rec.done[key].outputs
     kept = tmp_path / "work" / "outputs" / "tw" / "copy.txt"
     assert uri == kept.resolve().as_uri() and kept.read_bytes() == b"abcd"
     # Its work directory (inputs/outputs) was made, then removed.
@@ -255,7 +255,7 @@ async def test_a_thread_job_ignoring_cancel_is_reported_killed_and_the_slot_serv
     idle_before = rec.idle
     assert pool.kill_job(key)
     # Reported at once; the slot is free at once; the thread runs on, abandoned.
-    assert rec.done[key] == {"status": "killed"}
+    assert rec.done[key] == Outcome.killed()
     assert pool.busy_count() == 0 and pool.abandoned_threads() == 1
     await wait_for(lambda: rec.idle > idle_before)
     assert not pool.kill_job(key) and not pool.cancel(key)
@@ -264,11 +264,11 @@ async def test_a_thread_job_ignoring_cancel_is_reported_killed_and_the_slot_serv
         k = (f"after{i}", 1)
         assert pool.start_job(k, job(k[0], type_)) is not None
         await wait_for(lambda k=k: k in rec.done)
-        assert rec.done[k]["status"] == "completed"
+        assert rec.done[k].status == "completed"
     # When the abandoned thread finally returns, what it says is dropped.
     await wait_for(lambda: pool.abandoned_threads() == 0, 5.0)
     await asyncio.sleep(0.05)
-    assert rec.done[key] == {"status": "killed"}
+    assert rec.done[key] == Outcome.killed()
     assert len(rec.progress[key]) == progress_seen
 
 
@@ -285,14 +285,14 @@ async def test_a_process_job_is_still_killed_with_its_slot_next_to_thread_jobs(m
     slot = pool.slot_of(proc_key)
     pid = slot.process.pid
     assert pool.kill_job(proc_key)
-    assert rec.done[proc_key] == {"status": "killed"}
+    assert rec.done[proc_key] == Outcome.killed()
     await wait_for(lambda: slot.state == "idle")
     assert slot.process.pid != pid
     # The thread job did not notice; it still cancels cooperatively.
     assert thread_key not in rec.done
     pool.cancel(thread_key)
     await wait_for(lambda: thread_key in rec.done)
-    assert rec.done[thread_key] == {"status": "cancelled"}
+    assert rec.done[thread_key] == Outcome.cancelled()
     await wait_for(lambda: pool.idle_count() == 2)
 
 
@@ -316,7 +316,7 @@ async def test_only_thread_types_means_no_slot_process(make_pool):
     k = ("u", 1)
     pool.start_job(k, job("u", "video.transcode"))
     await wait_for(lambda: k in rec.done)
-    assert rec.done[k]["code"] == "UNKNOWN_JOB_TYPE" and not rec.done[k]["retryable"]
+    assert rec.done[k].code == "UNKNOWN_JOB_TYPE" and not rec.done[k].retryable
     pool.cancel(b)
     await wait_for(lambda: b in rec.done and pool.idle_count() == 2)
 
@@ -331,11 +331,11 @@ async def test_no_work_directory_unless_the_handler_asks(make_pool, tmp_path: Pa
         k = (f"n{i}", 1)
         pool.start_job(k, job(k[0], type_, {"duration": 0, "steps": 1} if "sleep" in type_ else {}))
         await wait_for(lambda k=k: k in rec.done)
-        assert rec.done[k]["status"] == "completed", rec.done[k]
+        assert rec.done[k].status == "completed", rec.done[k]
     assert not root.exists()  # not even the root: nothing asked for a directory
     # A handler that touches ctx.workdir gets one, removed after the attempt.
     k = ("touch", 1)
     pool.start_job(k, job("touch", "test.thread_probe", {"touch_workdir": True}))
     await wait_for(lambda: k in rec.done)
-    assert rec.done[k]["status"] == "completed"
+    assert rec.done[k].status == "completed"
     assert root.is_dir() and list(root.iterdir()) == []
