@@ -217,17 +217,21 @@ class Attempts:
             return f"job type {a.job_type!r} is not served here"
         run = Attempt(key=key, job_type=a.job_type, started=self._clock(),
                       progress=self._coalescer(key))  # fmt: skip
+        # Held before it starts: a slot whose pipe breaks in start_job reports the
+        # crash at once, and that outcome must find its attempt.
+        self.table[key] = run
+        self.unfinished += 1
         if self._slots.start_job(key, a.spec) is not None:
             log.debug("job %s attempt %d (%s) started", key[0], key[1], a.job_type)
         elif len(self.waiting) < self.prefetch:
             run.waiting_spec = a.spec
             self.waiting.append(key)
         else:
+            del self.table[key]
+            self.unfinished -= 1
             return "no free slot"
-        self.table[key] = run
-        self.unfinished += 1
         # The attempt's clock runs from its claim, waiting or not.
-        if a.timeout_s > 0:
+        if a.timeout_s > 0 and not run.finished:
             run.timeout_handle = self._later(
                 a.timeout_s + LOCAL_TIMEOUT_MARGIN_S, self.on_local_timeout, key
             )

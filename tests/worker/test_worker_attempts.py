@@ -358,3 +358,17 @@ def test_progress_is_coalesced_held_offline_and_the_last_goes_with_the_outcome()
     a.on_outcome(key, Outcome.completed({}, []))
     assert ev.last[key] == {"done": 11} and len(ev.progress) == 3 and clock.pending() == 0
     assert a.on_progress(key, {"done": 12}) is None
+
+
+def test_a_slot_that_dies_as_it_takes_the_job_reports_the_crash() -> None:
+    """SlotPool reports a broken pipe in start_job at once: the attempt must be there."""
+    a, fs, ev, _ = _machine(slots=1)
+
+    def start_and_die(key, job):
+        a.on_outcome(key, Outcome.crashed(1))
+        return object()
+
+    fs.start_job = start_and_die
+    assert a.assign(_assign(1, timeout_s=5.0), draining=False, served={"t"}) is None
+    assert ev.ended[("j1", 1)].code == "WORKER_CRASH"
+    assert a.unfinished == 0
