@@ -1,9 +1,11 @@
 """The connection pool and sessions (SQLAlchemy 2 asyncio over asyncpg).
 
-Whoever opens a session owns it and its transaction:
+Whoever opens a connection owns it and its transaction:
 
-    async with db.session() as s, s.begin():
+    async with db.transaction() as s:          # Core, one transaction
         job = await store.jobs.get_job(s, tenant, job_id)
+    async with db.autocommit() as s:           # each statement commits by itself
+        ...
 
 Data-layer functions take a session and never commit. No session outlives the
 unit of work that opened it: a stream or background task opens a fresh short
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 import sqlalchemy as sa
@@ -73,6 +76,16 @@ class Database:
         """
         async with self._autocommit_engine.connect() as conn:
             yield conn
+
+    def transaction(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A pooled connection in a transaction, committed at the end (rolled back on error).
+
+        SQLAlchemy Core, no ORM session in between: the hot paths (dispatch,
+        leases, submits) only execute statements, and the ORM layer costs more
+        per statement than the statement's own round trip. Store functions take
+        it where they take a session.
+        """
+        return self.engine.begin()
 
     def session(self) -> AsyncSession:
         """A new session; use as `async with db.session() as s, s.begin(): …`."""

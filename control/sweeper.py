@@ -32,7 +32,7 @@ class RetentionSweeper:
         """Delete every expired job now, batch by batch; returns how many."""
         total = 0
         while True:
-            async with self.db.session() as s, s.begin():
+            async with self.db.transaction() as s:
                 deleted = await store.delete_expired_jobs(s, self.retention_s, SWEEP_BATCH)
             total += deleted
             if deleted < SWEEP_BATCH:

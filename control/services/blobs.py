@@ -108,7 +108,7 @@ class Blobs:
         """Run `work` in its own session and transaction, shielded from caller cancellation."""
 
         async def run() -> T:
-            async with self.db.session() as s, s.begin():
+            async with self.db.transaction() as s:
                 return await work(s)
 
         return await self.db.shielded(run())

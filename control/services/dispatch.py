@@ -294,6 +294,8 @@ class WorkerSession:
         # whatever it sends.
         cap = max(1, self.hello.slots) + max(0, self.hello.prefetch)
         self.credits = min(cap, self.credits + credits)
+        # Even a session that still had credits: a finished job may have freed its
+        # concurrency key for a job no hint announces.
         self.dispatcher.wake()
 
     def _assign(self, row: Mapping[str, Any]) -> None:
@@ -384,7 +386,7 @@ class WorkerSession:
         """`work(session)` in a transaction of its own, retried like a batch."""
 
         async def tx() -> T:
-            async with self.dispatcher.db.session() as s, s.begin():
+            async with self.dispatcher.db.transaction() as s:
                 return await work(s)
 
         return await self._retrying(tx)
@@ -595,7 +597,7 @@ class Dispatcher:
         self._tasks = []
         # Streams that could not say goodbye leave their workers marked connected here.
         try:
-            async with self.db.session() as s, s.begin():
+            async with self.db.transaction() as s:
                 await workers_store.mark_replica_disconnected(s, self.replica_id, utcnow())
         except Exception:
             log.exception("marking this replica's workers disconnected failed")
@@ -628,7 +630,7 @@ class Dispatcher:
         now = utcnow()
         reported = set(hello.running)
         tenants = principal.job_tenants
-        async with self.db.session() as s, s.begin():
+        async with self.db.transaction() as s:
             registered = await workers_store.upsert_connected(
                 s,
                 worker_id=hello.worker_id,
@@ -697,7 +699,7 @@ class Dispatcher:
         except Exception:
             log.exception("giving back %d unsent job(s) failed", len(unsent))
         try:
-            async with self.db.session() as s, s.begin():
+            async with self.db.transaction() as s:
                 await workers_store.mark_disconnected(
                     s, session.worker_id, session.connected_at, utcnow()
                 )
@@ -759,7 +761,7 @@ class Dispatcher:
         idle = [s for s in self.sessions.values() if s.credits > 0 and not s.closed]
         if idle and look_ahead:
             types = sorted({t for s in idle for t in s.hello.job_types})
-            async with self.db.session() as s, s.begin():
+            async with self.db.transaction() as s:
                 due = await store.next_due_at(s, types, utcnow())
             if due is not None:
                 retry_at = min(retry_at or due, due)
@@ -791,7 +793,7 @@ class Dispatcher:
     async def _claim_tx(self, session: WorkerSession, hello: Hello, now: datetime):
         """Claim for one session, in a transaction: a claimed row that cannot be read back
         (a stored value this process cannot decode) must leave the job QUEUED."""
-        async with self.db.session() as s, s.begin():
+        async with self.db.transaction() as s:
             return await store.claim_jobs(
                 s, session.worker_id, hello.job_types, hello.labels, session.credits, now,
                 lease_s=self.settings.lease_s, tenants=session.tenants,
@@ -809,7 +811,7 @@ class Dispatcher:
         now = utcnow()
         log.error("claim for worker %s failed on a stored value (%s): looking for the job",
                   session.worker_id, exc.__class__.__name__)  # fmt: skip
-        async with self.db.session() as s, s.begin():
+        async with self.db.transaction() as s:
             ids = await store.claim_candidates(
                 s, hello.job_types, hello.labels, now,
                 tenants=session.tenants, limit=max(1, session.credits),
@@ -836,7 +838,7 @@ class Dispatcher:
                 f"({probe_exc.__class__.__name__})",
                 "retryable": False,
             }
-            async with self.db.session() as s, s.begin():
+            async with self.db.transaction() as s:
                 t = await store.quarantine_job(s, job_id, error, utcnow())
             log.error("job %s quarantined: FAILED with %s", job_id, UNCLAIMABLE)
             metrics.count_finished([t])
@@ -847,7 +849,7 @@ class Dispatcher:
             return
         reason = "the stream closed before the job was sent"
         items = [(str(row["id"]), row["attempt"], reason) for row in rows]
-        async with self.db.session() as s, s.begin():
+        async with self.db.transaction() as s:
             moved = await store.release_attempts(
                 s, session.worker_id, items, utcnow(), by="control"
             )
@@ -887,7 +889,7 @@ class Dispatcher:
         if not holders:
             return
         now = utcnow()
-        async with self.db.session() as s, s.begin():
+        async with self.db.transaction() as s:
             decisions = [
                 (session, await leases_store.attempts_to_stop(s, session.worker_id, refs, now))
                 for session, refs in holders.items()
@@ -913,7 +915,7 @@ class Dispatcher:
                 by_worker.setdefault(session.worker_id, []).append(session)
         if not by_worker:
             return
-        async with self.db.session() as s, s.begin():
+        async with self.db.transaction() as s:
             rows = await leases_store.attempts_to_cancel(s, sorted(by_worker), utcnow())
         for row in rows:
             ref = (str(row.id), row.attempt)

@@ -225,7 +225,7 @@ class JobsService:
         """Run `work` in its own session and transaction, shielded from caller cancellation."""
 
         async def run() -> T:
-            async with self.db.session() as session, session.begin():
+            async with self.db.transaction() as session:
                 return await work(session)
 
         return await self.db.shielded(run())

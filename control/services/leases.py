@@ -73,7 +73,7 @@ class LeaseEnforcers:
         """Requeue (or fail) RUNNING attempts whose lease passed; returns how many."""
         now = utcnow()
         try:
-            async with self.db.session() as s, s.begin():
+            async with self.db.transaction() as s:
                 if self._database_was_away:
                     # Heartbeats could not land while the database was away: leases that
                     # ran out meanwhile say nothing about the workers. Each running attempt
@@ -93,7 +93,7 @@ class LeaseEnforcers:
 
     async def enforce_deadlines_once(self) -> int:
         """Fail (or retry) RUNNING attempts past their timeout; returns how many."""
-        async with self.db.session() as s, s.begin():
+        async with self.db.transaction() as s:
             moved = await store.reap_deadlines(
                 s,
                 utcnow(),
@@ -105,7 +105,7 @@ class LeaseEnforcers:
 
     async def enforce_cancel_grace_once(self) -> int:
         """Cancel RUNNING jobs whose cancel grace period is over; returns how many."""
-        async with self.db.session() as s, s.begin():
+        async with self.db.transaction() as s:
             moved = await store.force_cancel_overdue(
                 s, utcnow(), grace_s=self.settings.cancel_grace_s
             )
