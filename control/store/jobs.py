@@ -208,75 +208,7 @@ async def list_jobs(
 
 # ---------------------------------------------------------------- transitions
 
-# The generic compare-and-set transition: from one of `from_states` (and the
-# given attempt, when known) to `to_state`, with its STATE event and NOTIFYs.
-# Used by Cancel (queued -> canceled) and by tests that play a worker.
-_TRANSITION_SQL = sa.text(
-    f"""
-    WITH u AS (
-        UPDATE jobs SET
-            state = :to_state,
-            last_seq = last_seq + 1,
-            updated_at = now(),
-            started_at = CASE WHEN :to_state = 'running' THEN now() ELSE started_at END,
-            finished_at = CASE WHEN :to_state IN {_TERMINAL_SQL} THEN now() END,
-            worker_id = coalesce(CAST(:worker_id AS text), worker_id),
-            result = coalesce(CAST(:result AS jsonb), result),
-            error = coalesce(CAST(:error AS jsonb), error),
-            lease_expires_at = NULL,
-            deadline_at = NULL
-        WHERE id = :id
-          AND state = ANY(CAST(:from_states AS text[]))
-          AND (CAST(:tenant AS text) IS NULL OR tenant = CAST(:tenant AS text))
-          AND (CAST(:attempt AS int) IS NULL OR attempt = CAST(:attempt AS int))
-        RETURNING *
-    ),
-    events AS (
-        INSERT INTO job_events (job_id, seq, kind, state, attempt, error, worker_id, message)
-        SELECT id, last_seq, 'state', state, attempt, CAST(:error AS jsonb), worker_id, :message
-        FROM u
-    )
-    SELECT u.*, pg_notify('spool_events', u.id::text)::text AS n,
-           CASE WHEN u.state = 'queued' THEN pg_notify('spool_jobs', u.type)::text END AS nq
-    FROM u
-    """
-).columns(**_JOB_TYPES)
-
-
-async def transition_job(
-    session: AsyncSession,
-    job_id: uuid.UUID,
-    *,
-    from_states: Sequence[str],
-    to_state: str,
-    tenant: str | None = None,
-    attempt: int | None = None,
-    worker_id: str | None = None,
-    result: Mapping[str, Any] | None = None,
-    error: Mapping[str, Any] | None = None,
-    message: str = "",
-) -> Row | None:
-    """Move a job from one of `from_states` to `to_state` if nobody moved it first.
-
-    Returns the updated row, or None when the compare-and-set lost (the job is
-    in another state or attempt, or is not the tenant's).
-    """
-    res = await session.execute(
-        _TRANSITION_SQL,
-        {
-            "id": job_id,
-            "from_states": list(from_states),
-            "to_state": to_state,
-            "tenant": tenant,
-            "attempt": attempt,
-            "worker_id": worker_id,
-            "result": json.dumps(dict(result)) if result is not None else None,
-            "error": json.dumps(dict(error)) if error is not None else None,
-            "message": message,
-        },
-    )
-    row = res.first()
-    return row._mapping if row else None
+# Every state change is a transition of control.store.machine.
 
 
 async def _move(session: AsyncSession, name: str, args: dict[str, Any]) -> Row | None:
