@@ -89,17 +89,27 @@ class ScopeInterceptor(grpc.aio.ServerInterceptor):
         interceptors inside it built): a scope sees only `details.method`, and
         reads everything about the call itself from its context.
         """
-        method = handler_call_details.method
         cache = self.__dict__.setdefault("_wrapped_handlers", {})
-        wrapped = cache.get(method)
-        if wrapped is None:
-            handler = await continuation(handler_call_details)
-            if handler is None:
-                return None
-            details = MethodDetails(method)
-            wrapped = wrap_handler(handler, lambda context: self.scope(details, context))
-            cache[method] = wrapped
-        return wrapped
+        return await _wrapped_once(cache, continuation, handler_call_details, self.scope)
+
+
+async def _wrapped_once(
+    cache: dict[str, grpc.RpcMethodHandler],
+    continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+    handler_call_details: grpc.HandlerCallDetails,
+    scope: Callable[[MethodDetails, grpc.aio.ServicerContext], AbstractAsyncContextManager[None]],
+) -> grpc.RpcMethodHandler:
+    """The method's handler run inside `scope`, built on its first call and kept in `cache`."""
+    method = handler_call_details.method
+    wrapped = cache.get(method)
+    if wrapped is None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        details = MethodDetails(method)
+        wrapped = wrap_handler(handler, lambda context: scope(details, context))
+        cache[method] = wrapped
+    return wrapped
 
 
 class ScopeChain(grpc.aio.ServerInterceptor):
@@ -127,16 +137,7 @@ class ScopeChain(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         """The method's handler inside every scope (built once per method)."""
-        method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            handler = await continuation(handler_call_details)
-            if handler is None:
-                return None
-            details = MethodDetails(method)
-            wrapped = wrap_handler(handler, lambda context: self._scopes(details, context))
-            self._wrapped[method] = wrapped
-        return wrapped
+        return await _wrapped_once(self._wrapped, continuation, handler_call_details, self._scopes)
 
 
 class MethodDetails:

@@ -122,6 +122,21 @@ _REAPER_SETS: dict[str, str | Mapping[str, str]] = {
     "error": {QUEUED: "CAST(:error AS jsonb)", FAILED: "CAST(:error AS jsonb)"},
 }
 
+
+def _reaper(name: str, pick: str, message: str) -> Transition:
+    """A reaper: the RUNNING rows matching `pick` come back (or fail), their holder is told."""
+    return Transition(
+        name,
+        (RUNNING,),
+        _REAPED,
+        pick=pick,
+        sets=_REAPER_SETS,
+        event_message=f"'{message}'",
+        event_error="u.error",
+        notify=(CANCEL, JOBS),
+    )
+
+
 TRANSITIONS: dict[str, Transition] = {
     t.name: t
     for t in (
@@ -195,36 +210,13 @@ TRANSITIONS: dict[str, Transition] = {
             inputs=_WORKER_INPUTS,
             cas=_WORKER_CAS + " AND j.cancel_requested",
         ),
-        Transition(
-            "reap_lease",
-            (RUNNING,),
-            _REAPED,
-            pick=f"j.lease_expires_at < {_NOW}",
-            sets=_REAPER_SETS,
-            event_message="'lease expired'",
-            event_error="u.error",
-            notify=(CANCEL, JOBS),
-        ),
-        Transition(
-            "reap_deadline",
-            (RUNNING,),
-            _REAPED,
-            pick=f"j.deadline_at <= {_NOW}",
-            sets=_REAPER_SETS,
-            event_message="'timeout'",
-            event_error="u.error",
-            notify=(CANCEL, JOBS),
-        ),
-        Transition(
+        _reaper("reap_lease", f"j.lease_expires_at < {_NOW}", "lease expired"),
+        _reaper("reap_deadline", f"j.deadline_at <= {_NOW}", "timeout"),
+        _reaper(
             "requeue_lost",
-            (RUNNING,),
-            _REAPED,
-            pick="j.worker_id = :worker_id AND (j.id, j.attempt) NOT IN ("
+            "j.worker_id = :worker_id AND (j.id, j.attempt) NOT IN ("
             "SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[])))",
-            sets=_REAPER_SETS,
-            event_message="'worker lost the attempt'",
-            event_error="u.error",
-            notify=(CANCEL, JOBS),
+            "worker lost the attempt",
         ),
         Transition(
             "force_cancel",
