@@ -1,29 +1,43 @@
-"""The connection pool and sessions (SQLAlchemy 2 asyncio over asyncpg).
+"""The connection pools and the statement runner (asyncpg, SQLAlchemy for the rest).
 
 Whoever opens a connection owns it and its transaction:
 
-    async with db.transaction() as s:          # Core, one transaction
+    async with db.transaction() as s:          # one transaction
         job = await store.jobs.get_job(s, tenant, job_id)
     async with db.autocommit() as s:           # each statement commits by itself
         ...
 
-Data-layer functions take a session and never commit. No session outlives the
-unit of work that opened it: a stream or background task opens a fresh short
-session for each read or write instead of holding one while it waits.
+Data-layer functions take a connection and never commit. No connection
+outlives the unit of work that opened it: a stream or background task opens a
+fresh one for each read or write instead of holding one while it waits.
+
+Every statement of the data layer is a `sqlalchemy.text()` clause, written
+once with named parameters. `transaction()` and `autocommit()` run them on a
+plain asyncpg pool (`StatementRunner`): each clause is compiled to
+`$n`-positional SQL once per process and prepared once per connection (asyncpg's
+statement cache), and
+rows come back as light `Row` objects with the small part of SQLAlchemy's
+result API the store uses. SQLAlchemy's own execution layer cost about as much
+CPU per statement as the statement's round trip to Postgres, on every hot
+path (submit, claim, completion, watch). SQLAlchemy stays for what it is good
+at: the schema, Alembic migrations, and the ORM `session()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import AbstractAsyncContextManager
-from typing import TypeVar
+import json
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import asyncpg
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import asyncpg as pg_asyncpg
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -34,6 +48,14 @@ T = TypeVar("T")
 
 #: how long dispose() waits for shielded work still running
 DISPOSE_WAIT_S = 5.0
+#: prepared statements asyncpg keeps per connection (least recently used ones are closed)
+STATEMENTS_PER_CONNECTION = 256
+#: compiled clauses kept per process (dynamic SQL, like List's filters, varies)
+COMPILED_CACHE_SIZE = 1024
+#: a pooled connection unused this long is closed
+POOL_IDLE_S = 300.0
+
+_DIALECT = pg_asyncpg.dialect()
 
 
 def async_url(url: str) -> str:
@@ -49,47 +71,245 @@ def libpq_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+# ---------------------------------------------------------------- results
+
+
+class Row:
+    """One result row: by column name (`row.id`, `row._mapping["id"]`) or position."""
+
+    __slots__ = ("_mapping", "_values")
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        self._mapping = mapping
+        self._values = tuple(mapping.values())
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._mapping[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, index: int) -> Any:
+        return self._values[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Row({self._mapping!r})"
+
+
+class Result:
+    """The rows of one statement, and its row count (for statements without RETURNING)."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Row], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self._rows)
+
+    def all(self) -> list[Row]:
+        return list(self._rows)
+
+    def first(self) -> Row | None:
+        return self._rows[0] if self._rows else None
+
+    def one(self) -> Row:
+        if len(self._rows) != 1:
+            raise ValueError(f"expected one row, got {len(self._rows)}")
+        return self._rows[0]
+
+    def scalar(self) -> Any:
+        return self._rows[0][0] if self._rows else None
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+    def scalar_one_or_none(self) -> Any:
+        if len(self._rows) > 1:
+            raise ValueError(f"expected at most one row, got {len(self._rows)}")
+        return self._rows[0][0] if self._rows else None
+
+    def mappings(self) -> _Mappings:
+        return _Mappings([r._mapping for r in self._rows])
+
+
+@dataclass(frozen=True)
+class _Mappings:
+    rows: list[dict[str, Any]]
+
+    def all(self) -> list[dict[str, Any]]:
+        return self.rows
+
+    def first(self) -> dict[str, Any] | None:
+        return self.rows[0] if self.rows else None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.rows)
+
+
+# ---------------------------------------------------------------- statements
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A text clause as asyncpg runs it: `$n` SQL, parameter names in order, JSON columns."""
+
+    sql: str
+    names: tuple[str, ...]
+    #: result columns declared JSON/JSONB (`.columns(...)`): decoded to Python values
+    json_columns: frozenset[str]
+
+    def args(self, params: Mapping[str, Any] | None) -> list[Any]:
+        params = params or {}
+        try:
+            return [params[name] for name in self.names]
+        except KeyError as exc:
+            raise sa.exc.ArgumentError(f"missing value for parameter {exc.args[0]!r}") from None
+
+
+#: id(clause) -> (the clause, kept so its id is not reused; what it compiled to)
+_compiled: OrderedDict[int, tuple[Any, Compiled]] = OrderedDict()
+
+
+def compile_clause(stmt: sa.TextClause | sa.TextualSelect) -> Compiled:
+    """`stmt` compiled for asyncpg (cached: the store's clauses are module constants)."""
+    key = id(stmt)
+    hit = _compiled.get(key)
+    if hit is not None:
+        _compiled.move_to_end(key)
+        return hit[1]
+    c = stmt.compile(dialect=_DIALECT)
+    json_columns = frozenset(
+        col.name for col in getattr(stmt, "selected_columns", ()) if isinstance(col.type, sa.JSON)
+    )
+    found = Compiled(c.string, tuple(c.positiontup or ()), json_columns)
+    _compiled[key] = (stmt, found)
+    if len(_compiled) > COMPILED_CACHE_SIZE:
+        _compiled.popitem(last=False)
+    return found
+
+
+class StatementRunner:
+    """What the data layer is given: `execute(text_clause, params)` on one connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def execute(
+        self, stmt: sa.TextClause | sa.TextualSelect, params: Mapping[str, Any] | None = None
+    ) -> Result:
+        """Run one statement; its rows (JSON columns decoded) and row count."""
+        c = compile_clause(stmt)
+        # asyncpg's own `execute` path (prepared, cached per connection), which
+        # also hands back the command status: the row count of an UPDATE/DELETE.
+        records, status, _ = await self.conn._execute(c.sql, c.args(params), 0, None,
+                                                      return_status=True)  # fmt: skip
+        tail = status.rsplit(b" ", 1)[-1] if status else b""
+        rowcount = int(tail) if tail.isdigit() else -1
+        rows = []
+        for record in records:
+            mapping = dict(record.items())
+            for name in c.json_columns:
+                value = mapping.get(name)
+                if isinstance(value, str):
+                    mapping[name] = json.loads(value)
+            rows.append(Row(mapping))
+        return Result(rows, rowcount)
+
+
+async def _no_reset(_conn: Any) -> None:
+    """Pool release without RESET ALL / UNLISTEN * (a round trip per release).
+
+    Nothing in the data layer sets session state, listens, or takes advisory
+    locks on a pooled connection; an open transaction is still rolled back.
+    """
+
+
+# ---------------------------------------------------------------- the database
+
+
 class Database:
-    """One engine (connection pool) per process, and a session factory on it."""
+    """One asyncpg pool (the data layer) and one SQLAlchemy engine (ORM sessions) per process."""
 
     def __init__(self, url: str, *, pool_size: int = 10, max_overflow: int = 20) -> None:
         self.url = libpq_url(url)
+        self.max_size = max(1, pool_size + max_overflow)
         self.engine: AsyncEngine = create_async_engine(
             async_url(url),
-            pool_size=pool_size,
-            max_overflow=max_overflow,
+            pool_size=min(pool_size, 2),
+            max_overflow=max(0, pool_size + max_overflow - 2),
             pool_pre_ping=False,
             # A connection broken by a Postgres restart is dropped, not reused.
             pool_recycle=3600,
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._autocommit_engine = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
         self._shielded: set[asyncio.Task[object]] = set()
 
+    async def _get_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self.url,
+                        min_size=0,
+                        max_size=self.max_size,
+                        max_inactive_connection_lifetime=POOL_IDLE_S,
+                        reset=_no_reset,
+                        statement_cache_size=STATEMENTS_PER_CONNECTION,
+                    )
+        return self._pool
+
     @contextlib.asynccontextmanager
-    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+    async def autocommit(self) -> AsyncIterator[StatementRunner]:
         """A pooled connection where each statement commits by itself.
 
         For work that is one statement (or reads that need no common snapshot):
-        no BEGIN/COMMIT round trips. Store functions accept it where they take
-        a session (they only call `.execute`).
+        no BEGIN/COMMIT round trips.
         """
-        async with self._autocommit_engine.connect() as conn:
-            yield conn
+        pool = await self._get_pool()
+        async with pool.acquire() as conn:
+            yield StatementRunner(conn)
 
-    def transaction(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        """A pooled connection in a transaction, committed at the end (rolled back on error).
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StatementRunner]:
+        """A pooled connection in a transaction, committed at the end (rolled back on error)."""
+        pool = await self._get_pool()
+        async with pool.acquire() as conn, conn.transaction():
+            yield StatementRunner(conn)
 
-        SQLAlchemy Core, no ORM session in between: the hot paths (dispatch,
-        leases, submits) only execute statements, and the ORM layer costs more
-        per statement than the statement's own round trip. Store functions take
-        it where they take a session.
-        """
-        return self.engine.begin()
+    @contextlib.asynccontextmanager
+    async def rolled_back(self) -> AsyncIterator[StatementRunner]:
+        """A pooled connection in a transaction that is always rolled back (a dry run)."""
+        pool = await self._get_pool()
+        async with pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                yield StatementRunner(conn)
+            finally:
+                await tx.rollback()
 
     def session(self) -> AsyncSession:
-        """A new session; use as `async with db.session() as s, s.begin(): …`."""
+        """A new ORM session; use as `async with db.session() as s, s.begin(): …`."""
         return self._sessions()
+
+    def pool_stats(self) -> tuple[int, int]:
+        """(connections in use, connections open) of the data-layer pool."""
+        if self._pool is None:
+            return 0, 0
+        size = self._pool.get_size()
+        return size - self._pool.get_idle_size(), size
 
     async def shielded(self, work: Awaitable[T]) -> T:
         """Run `work` to completion even if the caller is cancelled.
@@ -105,11 +325,17 @@ class Database:
 
     async def ping(self) -> None:
         """Raise unless the database answers `SELECT 1`."""
-        async with self.engine.connect() as conn:
+        async with self.autocommit() as conn:
             await conn.execute(sa.text("SELECT 1"))
 
     async def dispose(self) -> None:
         """Wait (briefly) for shielded work still running, then close every pooled connection."""
         if self._shielded:
             await asyncio.wait(list(self._shielded), timeout=DISPOSE_WAIT_S)
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), DISPOSE_WAIT_S)
+            except Exception:
+                pool.terminate()
         await self.engine.dispose()

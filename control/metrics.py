@@ -74,8 +74,9 @@ def apply_stats(stats: Mapping[str, Any], pool: Any = None) -> None:
     OLDEST_QUEUED_AGE.set(stats["oldest_queued_age_s"])
     CONNECTED_WORKERS.set(stats["connected_workers"])
     if pool is not None:
-        DB_POOL_IN_USE.set(pool.checkedout())
-        DB_POOL_SIZE.set(pool.checkedin() + pool.checkedout())
+        in_use, size = pool.pool_stats()
+        DB_POOL_IN_USE.set(in_use)
+        DB_POOL_SIZE.set(size)
 
 
 class MetricsRefresher:

@@ -222,7 +222,7 @@ def _register_servicers(cp: ControlPlane, server: grpc.aio.Server) -> None:
             }
 
         cp.components.append(
-            metrics.MetricsRefresher(read_stats, cp.db.engine.pool, cp.settings.metrics_refresh_s)
+            metrics.MetricsRefresher(read_stats, cp.db, cp.settings.metrics_refresh_s)
         )
     # Blobs (C2): the content store, its service and the blob collector.
     blobs = Blobs(cp.db, cp.settings)

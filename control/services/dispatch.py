@@ -818,19 +818,16 @@ class Dispatcher:
             )  # fmt: skip
         poisoned = []
         for job_id in ids:
-            async with self.db.session() as s:
-                await s.begin()
-                try:
+            try:
+                async with self.db.rolled_back() as s:
                     await store.claim_jobs(
                         s, session.worker_id, hello.job_types, hello.labels, 1, now,
                         lease_s=self.settings.lease_s, tenants=session.tenants, only_id=job_id,
                     )  # fmt: skip
-                except Exception as probe_exc:
-                    if not is_bad_value(probe_exc):
-                        raise
-                    poisoned.append((job_id, probe_exc))
-                finally:
-                    await s.rollback()
+            except Exception as probe_exc:
+                if not is_bad_value(probe_exc):
+                    raise
+                poisoned.append((job_id, probe_exc))
         for job_id, probe_exc in poisoned:
             error = {
                 "code": UNCLAIMABLE,
