@@ -26,11 +26,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from control import metrics, validate
 from control.config import Settings
 from control.db import Database
-from control.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from control.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    is_bad_value,
+)
 from control.notify import Notifier
 from control.schema import JOB_STATES, TERMINAL_STATES
 from control.services.blobs import check_blob_inputs
 from control.services.feeds import FeedHub
+from control.services.group_commit import GroupCommit
 from control.store import events as events_store
 from control.store import jobs as store
 from control.store.jobs import NewJob, Row
@@ -220,6 +227,10 @@ class JobsService:
         self.notifier = notifier
         self.settings = settings
         self.feeds = FeedHub(notifier, self._read_events, self._read_last_seq, WATCH_BATCH)
+        #: single submits of one tenant that arrive together share one INSERT
+        self._submits: GroupCommit[str, NewJob, tuple[Row, bool]] = GroupCommit(
+            self._insert_submits, max_batch=MAX_BATCH, name="jobs.submit-group-commit"
+        )
 
     async def _tx(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run `work` in its own session and transaction, shielded from caller cancellation."""
@@ -242,21 +253,52 @@ class JobsService:
     # ------------------------------------------------------------ submit
 
     async def submit(self, tenant: str, spec: JobSpec) -> tuple[Row, bool]:
-        """Create a QUEUED job, or return the one this request_id made (deduplicated=True)."""
+        """Create a QUEUED job, or return the one this request_id made (deduplicated=True).
+
+        Submits that arrive while another one's INSERT is in flight are inserted
+        together by the next statement (group commit); each still gets its own
+        answer or error.
+        """
         job = validate_spec(spec, "job", self.settings.default_max_attempts)
-
-        async def work(s: AsyncSession) -> tuple[Row, bool]:
-            await check_blob_inputs(s, tenant, [("job", job.inputs)])
-            inserted = await store.insert_jobs(s, tenant, [job])
-            if inserted:
-                return inserted[0], False
-            existing = await store.get_jobs_by_request_ids(s, tenant, [job.request_id or ""])
-            return _same_request(existing.get(job.request_id or ""), job, "request_id"), True
-
-        row, deduplicated = await self._one(work)
+        if any(uri.startswith("blob:") for uri in job.inputs):
+            await self._one(lambda s: check_blob_inputs(s, tenant, [("job", job.inputs)]))
+        row, deduplicated = await self._submits.submit(tenant, job)
         if not deduplicated:
             metrics.SUBMITTED.labels(type=row["type"]).inc()
         return row, deduplicated
+
+    async def _insert_submits(self, tenant: str, jobs: Sequence[NewJob]) -> list[Any]:
+        """One INSERT for the single submits of a group commit: (row, deduplicated) or an
+        exception per job. A value the database refuses fails only its own submit."""
+
+        async def work(s: AsyncSession) -> list[Any]:
+            inserted = {row["id"]: row for row in await store.insert_jobs(s, tenant, jobs)}
+            missing = [j.request_id or "" for j in jobs if j.id not in inserted]
+            existing = await store.get_jobs_by_request_ids(s, tenant, missing) if missing else {}
+            out: list[Any] = []
+            for job in jobs:
+                if job.id in inserted:
+                    out.append((inserted[job.id], False))
+                    continue
+                try:
+                    out.append((_same_request(existing.get(job.request_id or ""), job,
+                                              "request_id"), True))  # fmt: skip
+                except Exception as exc:
+                    out.append(exc)
+            return out
+
+        try:
+            return await self._one(work)
+        except Exception as exc:
+            if len(jobs) == 1 or not is_bad_value(exc):
+                raise
+        out: list[Any] = []
+        for job in jobs:
+            try:
+                out += await self._insert_submits(tenant, [job])
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     async def submit_batch(self, tenant: str, specs: Sequence[JobSpec]) -> list[Row]:
         """Create many jobs in one transaction, all or nothing, in request order."""
