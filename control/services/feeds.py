@@ -30,8 +30,6 @@ FEED_HINT_QUEUE_SIZE = 16
 
 #: reads events of a job with seq > after_seq (at most `limit`), in seq order
 ReadEvents = Callable[[uuid.UUID, int, int], Awaitable[list[Row]]]
-#: reads a job's last_seq (0 when it does not exist)
-ReadLastSeq = Callable[[uuid.UUID], Awaitable[int]]
 
 
 class WatcherQueue:
@@ -60,33 +58,40 @@ class WatcherQueue:
 
 
 class JobFeed:
-    """Reads one job's new events once and fans them out to local watchers."""
+    """Reads one job's new events once and fans them out to local watchers.
+
+    It is subscribed to the job's hints from the moment it is made, and reads
+    from the seq its first watcher's own read ended at (`start`): the watcher
+    reads the history, the feed everything committed after it.
+    """
 
     def __init__(
-        self,
-        job_id: uuid.UUID,
-        notifier: Notifier,
-        read_events: ReadEvents,
-        read_last_seq: ReadLastSeq,
-        batch: int,
+        self, job_id: uuid.UUID, notifier: Notifier, read_events: ReadEvents, batch: int
     ) -> None:
         self.job_id = job_id
         self.watchers: set[WatcherQueue] = set()
-        self.ready = asyncio.Event()
         self._read_events = read_events
-        self._read_last_seq = read_last_seq
         self._batch = batch
         self._last_seq = 0
-        # Subscribed before the first read, so no commit falls in between.
+        self._start: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # Subscribed before any watcher's first read, so no commit falls in between.
         self._hints = notifier.subscribe(
             EVENTS_CHANNEL, key=str(job_id), maxsize=FEED_HINT_QUEUE_SIZE
         )
         self.task = asyncio.create_task(self._run(), name=f"watch-feed-{job_id}")
 
+    def start(self, last_seq: int) -> None:
+        """Read events after `last_seq` from now on (the first call wins; later ones are no-ops).
+
+        A watcher whose own read ended earlier than that sees a gap in seq and
+        catches up from the database, so a late start never loses an event.
+        """
+        if not self._start.done():
+            self._start.set_result(last_seq)
+
     async def _run(self) -> None:
         try:
-            self._last_seq = await self._read_last_seq(self.job_id)
-            self.ready.set()
+            self._last_seq = await self._start
             while True:
                 await self._hints.get(FEED_POLL_S)
                 self._hints.drain()
@@ -98,7 +103,6 @@ class JobFeed:
             log.exception("event feed of job %s failed", self.job_id)
         finally:
             self._hints.close()
-            self.ready.set()
 
     async def _read_new(self) -> None:
         while True:
@@ -119,26 +123,24 @@ class JobFeed:
 class FeedHub:
     """The replica's feeds, created on the first watcher of a job and stopped after the last."""
 
-    def __init__(
-        self, notifier: Notifier, read_events: ReadEvents, read_last_seq: ReadLastSeq, batch: int
-    ) -> None:
+    def __init__(self, notifier: Notifier, read_events: ReadEvents, batch: int) -> None:
         self._notifier = notifier
         self._read_events = read_events
-        self._read_last_seq = read_last_seq
         self._batch = batch
         self._feeds: dict[uuid.UUID, JobFeed] = {}
 
-    async def join(self, job_id: uuid.UUID) -> tuple[JobFeed, WatcherQueue]:
-        """Attach a watcher to the job's feed; events committed after this return reach it."""
+    def join(self, job_id: uuid.UUID) -> tuple[JobFeed, WatcherQueue]:
+        """Attach a watcher to the job's feed; events committed after this reach it.
+
+        The watcher reads the history itself and then calls `feed.start` with
+        the last seq that read saw.
+        """
         feed = self._feeds.get(job_id)
         if feed is None or not feed.alive:
-            feed = JobFeed(
-                job_id, self._notifier, self._read_events, self._read_last_seq, self._batch
-            )
+            feed = JobFeed(job_id, self._notifier, self._read_events, self._batch)
             self._feeds[job_id] = feed
         watcher = WatcherQueue()
         feed.watchers.add(watcher)
-        await feed.ready.wait()
         return feed, watcher
 
     def leave(self, feed: JobFeed, watcher: WatcherQueue) -> None:

@@ -226,7 +226,7 @@ class JobsService:
         self.db = db
         self.notifier = notifier
         self.settings = settings
-        self.feeds = FeedHub(notifier, self._read_events, self._read_last_seq, WATCH_BATCH)
+        self.feeds = FeedHub(notifier, self._read_events, WATCH_BATCH)
         #: single submits of one tenant that arrive together share one INSERT
         self._submits: GroupCommit[str, NewJob, tuple[Row, bool]] = GroupCommit(
             self._insert_submits, max_batch=MAX_BATCH, name="jobs.submit-group-commit"
@@ -492,8 +492,13 @@ class JobsService:
             partial(events_store.list_events, job_id=job_id, after_seq=after_seq, limit=limit)
         )
 
-    async def _read_last_seq(self, job_id: uuid.UUID) -> int:
-        return await self._one(partial(store.get_last_seq, job_id=job_id))
+    async def _read_for_watch(
+        self, tenant: str, job_id: uuid.UUID, after_seq: int
+    ) -> events_store.WatchRead | None:
+        return await self._one(
+            partial(events_store.read_for_watch, tenant=tenant, job_id=job_id,
+                    after_seq=after_seq, limit=WATCH_BATCH)
+        )  # fmt: skip
 
     async def watch(self, tenant: str, job_id: uuid.UUID, after_seq: int) -> AsyncIterator[Row]:
         """The job's events with seq > after_seq, then live ones; ends after the terminal event.
@@ -506,18 +511,28 @@ class JobsService:
         """
         if after_seq < 0:
             raise InvalidArgument("after_seq", "must not be negative")
-        await self.get(tenant, job_id)
         # Joined before the first read, so every later commit reaches us one way or the other.
-        feed, inbox = await self.feeds.join(job_id)
+        feed, inbox = self.feeds.join(job_id)
+        try:
+            read = await self._read_for_watch(tenant, job_id, after_seq)
+        except BaseException:
+            self.feeds.leave(feed, inbox)
+            raise
+        if read is None:
+            self.feeds.leave(feed, inbox)
+            raise NotFound(f"job {job_id} not found")
+        feed.start(read.last_seq)
         metrics.OPEN_STREAMS.labels(kind="watch").inc()
         try:
             last = after_seq
-            catch_up = True
             while True:
-                if catch_up:
-                    catch_up = False
+                if read is not None:
+                    # Catch up from the database, a page at a time (one statement reads
+                    # the job and a page of its events: they agree).
                     while True:
-                        batch = await self._read_events(job_id, last, WATCH_BATCH)
+                        if read is None:
+                            return  # deleted while watched
+                        batch = read.events
                         for i, event in enumerate(batch):
                             yield event
                             last = event["seq"]
@@ -529,18 +544,18 @@ class JobsService:
                                 return
                         if len(batch) < WATCH_BATCH:
                             break
-                    # Caught up: past the end already (a resumed watch, or the job is
-                    # gone)? A watch from the start has just read every event: it knows.
-                    if not batch or (last > after_seq > 0):
-                        job = await self._one(lambda s: store.get_job(s, tenant, job_id))
-                        if job is None:
-                            return  # deleted while watched
-                        if job["state"] in TERMINAL_STATES and job["last_seq"] <= last:
-                            return
+                        read = await self._read_for_watch(tenant, job_id, last)
+                    # Caught up, and past the end already (a watch resumed after it)?
+                    if read.state in TERMINAL_STATES and read.last_seq <= last:
+                        return
+                    read = None
                 if not feed.alive:
                     self.feeds.leave(feed, inbox)
-                    feed, inbox = await self.feeds.join(job_id)
-                    catch_up = True
+                    feed, inbox = self.feeds.join(job_id)
+                    read = await self._read_for_watch(tenant, job_id, last)
+                    if read is None:
+                        return  # deleted while watched
+                    feed.start(read.last_seq)
                     continue
                 if not inbox.queue.empty():
                     event = inbox.queue.get_nowait()  # no timer for an event already here
@@ -548,10 +563,15 @@ class JobsService:
                     try:
                         event = await asyncio.wait_for(inbox.queue.get(), WATCH_IDLE_CHECK_S)
                     except TimeoutError:
-                        catch_up = True  # long silence: look at the database once
+                        # Long silence: look at the database once.
+                        read = await self._read_for_watch(tenant, job_id, last)
+                        if read is None:
+                            return
                         continue
                 if inbox.take_lag() or event["seq"] > last + 1:
-                    catch_up = True
+                    read = await self._read_for_watch(tenant, job_id, last)
+                    if read is None:
+                        return
                     continue
                 if event["seq"] <= last:
                     continue

@@ -163,12 +163,6 @@ async def get_job(session: AsyncSession, tenant: str, job_id: uuid.UUID) -> Row 
     return row._mapping if row else None
 
 
-async def get_last_seq(session: AsyncSession, job_id: uuid.UUID) -> int:
-    """The seq of the job's latest event (0 if the job does not exist)."""
-    res = await session.execute(sa.text("SELECT last_seq FROM jobs WHERE id = :id"), {"id": job_id})
-    return int(res.scalar_one_or_none() or 0)
-
-
 async def list_jobs(
     session: AsyncSession,
     tenant: str,
