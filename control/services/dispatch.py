@@ -567,6 +567,8 @@ class Dispatcher:
         self._rotation = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Future[Any]] = set()
+        #: (worker id, claim time) of claims whose started jobs could not be handed back yet
+        self._unread_claims: set[tuple[str, datetime]] = set()
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -740,6 +742,8 @@ class Dispatcher:
 
     async def _claim_round(self, *, look_ahead: bool) -> datetime | None:
         """Let every session with credits claim, in turn; returns when to wake next."""
+        for worker_id, at in sorted(self._unread_claims):
+            await self._hand_back_claim(worker_id, at)
         sessions = [s for s in self.sessions.values() if s.credits > 0 and not s.closed]
         if not sessions:
             return None
@@ -770,34 +774,83 @@ class Dispatcher:
     async def _claim_for(self, session: WorkerSession) -> store.ClaimResult:
         hello = session.hello
         now = utcnow()
-        try:
-            result = await self._claim_tx(session, hello, now)
-        except Exception as exc:
-            if not is_bad_value(exc):
-                raise
-            # A stored value breaks the claim: set that job aside, claim again.
-            await self._quarantine_unclaimable(session, exc)
-            return store.ClaimResult(held_back=True)
+        result, error = await self._claim(session, hello, now)
         if session.closed:
             await self._give_back(session, result.jobs)
-            return result
-        sent = utcnow()
-        for row in result.jobs:
-            session._assign(row)
-            metrics.DISPATCHED.labels(type=row["type"]).inc()
-            # Claimable since it was created, or since not_before (delays, retries, requeues).
-            ready_since = max(row["created_at"], row["not_before"])
-            metrics.DISPATCH_LATENCY.observe(max(0.0, (sent - ready_since).total_seconds()))
+        else:
+            sent = utcnow()
+            for row in result.jobs:
+                session._assign(row)
+                metrics.DISPATCHED.labels(type=row["type"]).inc()
+                # Claimable since it was created, or since not_before (delays, retries, requeues).
+                ready_since = max(row["created_at"], row["not_before"])
+                metrics.DISPATCH_LATENCY.observe(max(0.0, (sent - ready_since).total_seconds()))
+        if error is not None:
+            if not is_bad_value(error):
+                raise error
+            # A stored value breaks the claim: set that job aside, claim again.
+            await self._quarantine_unclaimable(session, error)
+            result.held_back = True
         return result
 
-    async def _claim_tx(self, session: WorkerSession, hello: Hello, now: datetime):
-        """Claim for one session, in a transaction: a claimed row that cannot be read back
-        (a stored value this process cannot decode) must leave the job QUEUED."""
-        async with self.db.transaction() as s:
-            return await store.claim_jobs(
-                s, session.worker_id, hello.job_types, hello.labels, session.credits, now,
-                lease_s=self.settings.lease_s, tenants=session.tenants,
-            )  # fmt: skip
+    async def _claim(
+        self, session: WorkerSession, hello: Hello, now: datetime
+    ) -> tuple[store.ClaimResult, Exception | None]:
+        """Claim for one session: the jobs started, and the error that cut the claim short.
+
+        The claim statement runs on an autocommit connection (no BEGIN/COMMIT
+        round trips), so the jobs it starts are committed RUNNING as it returns.
+        If its rows cannot be read back (a stored value this process cannot
+        decode) or the connection is lost on the way, the attempts it started
+        are handed back at once (`_hand_back_claim`): no job stays RUNNING on a
+        worker that never heard of it. Keyed candidates are started in a
+        transaction of their own; when that fails, the jobs already started
+        are still returned (and sent).
+        """
+        args = store.claim_args(
+            session.worker_id, hello.job_types, hello.labels, session.credits, now,
+            lease_s=self.settings.lease_s, tenants=session.tenants,
+        )  # fmt: skip
+        try:
+            async with self.db.autocommit() as s:
+                started, keyed = await store.claim_unkeyed(s, args)
+        except Exception as exc:
+            await self._hand_back_claim(session.worker_id, now)
+            return store.ClaimResult(), exc
+        result = store.ClaimResult(jobs=list(started))
+        if keyed:
+            try:
+                async with self.db.transaction() as s:
+                    more, result.retry_at = await store.start_keyed(s, keyed, args)
+            except Exception as exc:
+                return result, exc
+            result.jobs.extend(more)
+            result.held_back = len(more) < len(keyed)
+        return result, None
+
+    async def _hand_back_claim(self, worker_id: str, now: datetime) -> None:
+        """Requeue the attempts a claim at `now` started but nobody read (keeping their budget).
+
+        When even that fails (the database is away), it is tried again before
+        the next claim round; until then the attempts hold a lease like any other.
+        """
+        try:
+            async with self.db.autocommit() as s:
+                refs = await store.started_by_claim(s, worker_id, now)
+                reason = "the claim could not read the job back"
+                moved = await store.release_attempts(
+                    s, worker_id, [(j, a, reason) for j, a in refs], utcnow(), by="control"
+                )
+        except Exception:
+            log.exception("handing back the jobs of a failed claim for worker %s failed; "
+                          "trying again before the next claim", worker_id)  # fmt: skip
+            self._unread_claims.add((worker_id, now))
+            return
+        self._unread_claims.discard((worker_id, now))
+        if refs:
+            log.warning("a claim for worker %s could not read back %d job(s): handed back",
+                        worker_id, len(refs))  # fmt: skip
+        metrics.count_finished(moved)
 
     async def _quarantine_unclaimable(self, session: WorkerSession, exc: Exception) -> None:
         """Find the candidates a claim cannot start and FAIL them, so dispatch goes on.

@@ -91,7 +91,7 @@ _START_SET, _START_EVENT, _START_NOTES = machine.start_sql()
 #
 # Unkeyed candidates are started in the same statement (the common case: one
 # round trip). Candidates with a concurrency key are only locked here; they are
-# started by `_start_keyed` after their key rows are locked, because the
+# started by `start_keyed` after their key rows are locked, because the
 # running count read below is a snapshot that another replica may be about to
 # change. The key filters here are a cheap pre-filter against starvation (jobs of
 # a saturated key must not fill the LIMIT); the decisive check comes later.
@@ -206,6 +206,48 @@ _START_KEYED_SQL = sa.text(
 ).columns(**_JOB_COLUMN_TYPES)
 
 
+def claim_args(
+    worker_id: str,
+    job_types: Sequence[str],
+    worker_labels: Mapping[str, str],
+    limit: int,
+    now: datetime,
+    *,
+    lease_s: float,
+    tenants: Sequence[str] | None = None,
+    only_id: str | None = None,
+) -> dict[str, Any]:
+    """The parameters of one claim (see `claim_jobs`)."""
+    return {
+        "now": now,
+        "types": list(job_types),
+        "labels": json.dumps(dict(worker_labels)),
+        "tenants": list(tenants) if tenants is not None else None,
+        "only_id": only_id,
+        "limit": limit,
+        "worker_id": worker_id,
+        "lease_ms": ms(lease_s),
+        "max_timeout_ms": MAX_TIMEOUT_MS,
+    }
+
+
+async def claim_unkeyed(
+    session: AsyncSession, args: Mapping[str, Any]
+) -> tuple[list[JobRow], list[JobRow]]:
+    """The claim statement: (jobs started, keyed candidates for `start_keyed`).
+
+    One statement, so it may run on an autocommit connection: the unkeyed
+    jobs it starts are then committed RUNNING when it returns. The keyed
+    candidates are only locked for the rest of a transaction; outside one,
+    `start_keyed` re-checks each under its own row lock, so a candidate that
+    another claim took in between is simply not started.
+    """
+    if args["limit"] <= 0 or not args["types"]:
+        return [], []
+    rows = (await session.execute(_CLAIM_SQL, args)).mappings().all()
+    return [r for r in rows if r["started"]], [r for r in rows if not r["started"]]
+
+
 async def claim_jobs(
     session: AsyncSession,
     worker_id: str,
@@ -218,7 +260,7 @@ async def claim_jobs(
     tenants: Sequence[str] | None = None,
     only_id: str | None = None,
 ) -> ClaimResult:
-    """Claim up to `limit` jobs for a worker and mark them RUNNING.
+    """Claim up to `limit` jobs for a worker and mark them RUNNING, in the caller's transaction.
 
     Best priority first, then oldest; only the worker's job types, only jobs
     whose `worker_selector` is a subset of the worker's labels, only jobs whose
@@ -229,34 +271,24 @@ async def claim_jobs(
     claim to one job (to find a job that makes claims fail, see
     `claim_candidates`).
     """
+    args = claim_args(worker_id, job_types, worker_labels, limit, now, lease_s=lease_s,
+                      tenants=tenants, only_id=only_id)  # fmt: skip
     result = ClaimResult()
-    if limit <= 0 or not job_types:
-        return result
-    args = {
-        "now": now,
-        "types": list(job_types),
-        "labels": json.dumps(dict(worker_labels)),
-        "tenants": list(tenants) if tenants is not None else None,
-        "only_id": only_id,
-        "limit": limit,
-        "worker_id": worker_id,
-        "lease_ms": ms(lease_s),
-        "max_timeout_ms": MAX_TIMEOUT_MS,
-    }
-    rows = (await session.execute(_CLAIM_SQL, args)).mappings().all()
-    keyed = [r for r in rows if not r["started"]]
-    result.jobs = [r for r in rows if r["started"]]
+    result.jobs, keyed = await claim_unkeyed(session, args)
     if keyed:
-        started, result.retry_at = await _start_keyed(session, keyed, args)
+        started, result.retry_at = await start_keyed(session, keyed, args)
         result.jobs.extend(started)
         result.held_back = len(started) < len(keyed)
     return result
 
 
-async def _start_keyed(
+async def start_keyed(
     session: AsyncSession, candidates: Sequence[JobRow], args: dict[str, Any]
 ) -> tuple[list[JobRow], datetime | None]:
-    """Start the keyed candidates their keys still allow, under the keys' row locks."""
+    """Start the keyed candidates their keys still allow, under the keys' row locks.
+
+    Runs in a transaction (the key locks must be held until its commit).
+    """
     now: datetime = args["now"]
     keys = sorted({(c["tenant"], c["concurrency_key"]) for c in candidates})
     key_args = {"tenants": [t for t, _ in keys], "keys": [k for _, k in keys]}
@@ -288,6 +320,24 @@ async def _start_keyed(
         return [], retry_at
     rows = await session.execute(_START_KEYED_SQL, {**args, "ids": chosen})
     return list(rows.mappings().all()), retry_at
+
+
+# The attempts one claim statement started: its worker and its `now` (started_at)
+# name them exactly. Only ids and numbers come back, so reading them cannot fail.
+_STARTED_BY_CLAIM_SQL = sa.text(
+    """
+    SELECT id, attempt FROM jobs
+    WHERE worker_id = :worker_id AND state = 'running' AND started_at = CAST(:now AS timestamptz)
+    """
+)
+
+
+async def started_by_claim(
+    session: AsyncSession, worker_id: str, now: datetime
+) -> list[tuple[str, int]]:
+    """(job_id, attempt) of the jobs a claim at `now` started for the worker (still RUNNING)."""
+    rows = await session.execute(_STARTED_BY_CLAIM_SQL, {"worker_id": worker_id, "now": now})
+    return [(str(r.id), r.attempt) for r in rows]
 
 
 # The ids a claim would consider first, without touching them: when a claim

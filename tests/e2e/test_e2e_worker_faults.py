@@ -236,12 +236,14 @@ async def test_a_job_whose_stored_values_break_the_claim_is_quarantined(cp, clie
     """If a claim statement errors on a stored value anyway, that job alone is set aside."""
     poison = uuid.uuid4()
     async with cp.db.session() as s, s.begin():
-        # A value no Submit accepts (the year 20000 cannot be decoded by the control plane).
+        # A value no Submit accepts (the year 20000 cannot be decoded by the control plane),
+        # on a keyed job: keyed candidates are started in a transaction, which rolls back.
         await s.execute(
             sa.text(
-                "INSERT INTO jobs (id, tenant, type, max_attempts, state, priority, finished_at) "
+                "INSERT INTO jobs (id, tenant, type, max_attempts, state, priority, finished_at,"
+                " concurrency_key, concurrency_limit) "
                 "VALUES (:id, 'globex', 'debug.noop', 1, 'queued', 10, "
-                "'20000-01-01T00:00:00Z')"
+                "'20000-01-01T00:00:00Z', 'k', 1)"
             ),
             {"id": poison},
         )
@@ -260,3 +262,29 @@ async def test_a_job_whose_stored_values_break_the_claim_is_quarantined(cp, clie
         assert (await b.get(str(poison))).state == FAILED  # readable again
     finally:
         await b.close()
+
+
+async def test_a_job_the_claim_started_but_could_not_read_back_is_handed_back(cp, client, raw):
+    """The claim statement commits what it starts; a row it cannot read back is not left
+    RUNNING on a worker that never heard of it: it is handed back (its budget kept), and
+    here the hand-back clears the bad value, so the job simply runs."""
+    poison = uuid.uuid4()
+    async with cp.db.session() as s, s.begin():
+        await s.execute(
+            sa.text(
+                "INSERT INTO jobs (id, tenant, type, max_attempts, state, priority, finished_at) "
+                "VALUES (:id, 'globex', 'debug.noop', 1, 'queued', 10, "
+                "'20000-01-01T00:00:00Z')"
+            ),
+            {"id": poison},
+        )
+    good = await client.submit("debug.noop")
+    w = raw(FLEET_KEY)
+    got = await _assigned(w, "fleet-h", credits=2)
+    assert {a.job.id for a in got} == {good.id, str(poison)}
+    handed_back = [e for e in await events(cp, str(poison)) if e.state == "queued" and e.seq > 1]
+    assert [e.message for e in handed_back] == [
+        "released by control: the claim could not read the job back"
+    ]
+    row = await job_row(cp, str(poison))
+    assert (row.state, row.attempt, row.max_attempts) == ("running", 2, 2)
