@@ -178,7 +178,13 @@ def validate_spec(
     digest = hashlib.sha256(
         json.dumps(normalized, sort_keys=True, default=str).encode()
     ).hexdigest()
-    return NewJob(id=uuid.uuid4(), request_id=request_id or None, spec_hash=digest, **normalized)
+    return NewJob(
+        id=uuid.uuid4(),
+        request_id=request_id or None,
+        spec_hash=digest,
+        params_json=params_json,
+        **normalized,
+    )
 
 
 def encode_page_token(created_at: datetime, job_id: uuid.UUID) -> str:

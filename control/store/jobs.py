@@ -62,6 +62,8 @@ class NewJob:
     max_attempts: int
     request_id: str | None
     spec_hash: str
+    #: `params` as JSON text, when the caller already has it (saves serializing it twice)
+    params_json: str = ""
 
 
 # ---------------------------------------------------------------- submit
@@ -74,65 +76,125 @@ class NewJob:
 # transaction once, so a batch sends one per type). No spool_events NOTIFY:
 # nobody can be watching a job that did not exist yet. One statement, so it
 # can run outside an explicit transaction (one round trip).
+#
+# The jobs travel as one typed array per column (asyncpg encodes them in binary;
+# JSON values and times as text, cast here), and only what the database decides comes
+# back: the rest of each row is what the caller sent (`_inserted_row`).
 _INSERT_JOBS_SQL = sa.text(
     """
     WITH spec AS (
-        SELECT * FROM jsonb_to_recordset(CAST(:specs AS jsonb)) AS s(
-            ord int, id uuid, type text, params jsonb, inputs jsonb, priority smallint,
-            labels jsonb, worker_selector jsonb, concurrency_key text, concurrency_limit int,
-            min_start_interval_ms bigint, not_before timestamptz, timeout_ms bigint,
-            max_attempts int, request_id text, spec_hash text)
+        SELECT * FROM unnest(
+            CAST(:id AS uuid[]), CAST(:type AS text[]), CAST(:params AS text[]),
+            CAST(:inputs AS text[]), CAST(:priority AS smallint[]), CAST(:labels AS text[]),
+            CAST(:worker_selector AS text[]), CAST(:concurrency_key AS text[]),
+            CAST(:concurrency_limit AS int[]), CAST(:min_start_interval_ms AS bigint[]),
+            CAST(:not_before AS text[]), CAST(:timeout_ms AS bigint[]),
+            CAST(:max_attempts AS int[]), CAST(:request_id AS text[]), CAST(:spec_hash AS text[])
+        ) WITH ORDINALITY AS s(
+            id, type, params, inputs, priority, labels, worker_selector, concurrency_key,
+            concurrency_limit, min_start_interval_ms, not_before, timeout_ms, max_attempts,
+            request_id, spec_hash, ord)
     ),
     ins AS (
         INSERT INTO jobs (id, tenant, type, params, inputs, priority, labels, worker_selector,
                           concurrency_key, concurrency_limit, min_start_interval_ms, not_before,
                           timeout_ms, max_attempts, attempt, state, request_id, spec_hash,
                           last_seq)
-        SELECT id, :tenant, type, params, inputs, priority, labels, worker_selector,
-               concurrency_key, concurrency_limit, min_start_interval_ms,
-               coalesce(not_before, now()), timeout_ms, max_attempts, 1, 'queued', request_id,
-               spec_hash, 1
+        SELECT id, :tenant, type, CAST(params AS jsonb), CAST(inputs AS jsonb), priority,
+               CAST(labels AS jsonb), CAST(worker_selector AS jsonb), concurrency_key,
+               concurrency_limit, min_start_interval_ms,
+               coalesce(CAST(not_before AS timestamptz), now()),
+               timeout_ms, max_attempts, 1, 'queued', request_id, spec_hash, 1
         FROM spec ORDER BY ord
         ON CONFLICT (tenant, request_id) WHERE request_id IS NOT NULL DO NOTHING
-        RETURNING *
+        RETURNING id, type, not_before, created_at, updated_at
     ),
     events AS (
         INSERT INTO job_events (job_id, seq, kind, state, attempt, created_at)
         SELECT id, 1, 'state', 'queued', 1, created_at FROM ins
     )
-    SELECT ins.*, pg_notify('spool_jobs', ins.type)::text AS n FROM ins
+    SELECT ins.id, ins.not_before, ins.created_at, ins.updated_at,
+           pg_notify('spool_jobs', ins.type)::text AS n
+    FROM ins
     """
-).columns(**_JOB_TYPES)
+)
 
 
-def _spec_json(job: NewJob, ord_: int) -> dict[str, Any]:
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _insert_args(tenant: str, new_jobs: Sequence[NewJob]) -> dict[str, Any]:
     return {
-        "ord": ord_,
-        "id": str(job.id),
+        "tenant": tenant,
+        "id": [job.id for job in new_jobs],
+        "type": [job.type for job in new_jobs],
+        "params": [job.params_json or _dumps(dict(job.params)) for job in new_jobs],
+        "inputs": [_dumps(list(job.inputs)) for job in new_jobs],
+        "priority": [job.priority for job in new_jobs],
+        "labels": [_dumps(dict(job.labels)) for job in new_jobs],
+        "worker_selector": [_dumps(dict(job.worker_selector)) for job in new_jobs],
+        "concurrency_key": [job.concurrency_key for job in new_jobs],
+        "concurrency_limit": [job.concurrency_limit for job in new_jobs],
+        "min_start_interval_ms": [job.min_start_interval_ms for job in new_jobs],
+        # As text: asyncpg's binary encoding turns datetime.min into -infinity.
+        "not_before": [job.not_before.isoformat() if job.not_before else None for job in new_jobs],
+        "timeout_ms": [job.timeout_ms for job in new_jobs],
+        "max_attempts": [job.max_attempts for job in new_jobs],
+        "request_id": [job.request_id for job in new_jobs],
+        "spec_hash": [job.spec_hash for job in new_jobs],
+    }
+
+
+def _inserted_row(tenant: str, job: NewJob, db: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole jobs row of a job just inserted: what was sent, and what the database set
+    (`db`: id, not_before, created_at, updated_at). The same keys and values as `SELECT *`."""
+    return {
+        "id": db["id"],
+        "tenant": tenant,
         "type": job.type,
         "params": dict(job.params),
         "inputs": list(job.inputs),
+        "outputs": [],
         "priority": job.priority,
         "labels": dict(job.labels),
         "worker_selector": dict(job.worker_selector),
         "concurrency_key": job.concurrency_key,
         "concurrency_limit": job.concurrency_limit,
         "min_start_interval_ms": job.min_start_interval_ms,
-        "not_before": job.not_before.isoformat() if job.not_before else None,
+        "not_before": db["not_before"],
         "timeout_ms": job.timeout_ms,
         "max_attempts": job.max_attempts,
+        "attempt": 1,
+        "state": "queued",
+        "cancel_requested": False,
+        "progress": None,
+        "result": None,
+        "error": None,
+        "worker_id": None,
+        "lease_expires_at": None,
+        "deadline_at": None,
+        "cancel_requested_at": None,
+        "created_at": db["created_at"],
+        "started_at": None,
+        "finished_at": None,
+        "updated_at": db["updated_at"],
         "request_id": job.request_id,
         "spec_hash": job.spec_hash,
+        "last_seq": 1,
     }
 
 
-async def insert_jobs(session: AsyncSession, tenant: str, new_jobs: Sequence[NewJob]) -> list[Row]:
-    """Insert QUEUED jobs (skipping request_ids the tenant already used); returns inserted rows."""
+async def insert_jobs(
+    session: AsyncSession, tenant: str, new_jobs: Sequence[NewJob]
+) -> list[dict[str, Any]]:
+    """Insert QUEUED jobs (skipping request_ids the tenant already used); returns the
+    inserted rows (whole rows, as `get_job` reads them)."""
     if not new_jobs:
         return []
-    specs = json.dumps([_spec_json(job, i) for i, job in enumerate(new_jobs)])
-    result = await session.execute(_INSERT_JOBS_SQL, {"tenant": tenant, "specs": specs})
-    return [r._mapping for r in result]
+    result = await session.execute(_INSERT_JOBS_SQL, _insert_args(tenant, new_jobs))
+    by_id = {job.id: job for job in new_jobs}
+    return [_inserted_row(tenant, by_id[r.id], r._mapping) for r in result]
 
 
 # Jobs of a tenant by idempotency key (to answer a repeated submit).
