@@ -264,12 +264,18 @@ class Stream:
         self.changed.set()
         return terminal
 
-    def offer(self, capacity: int) -> None:
-        """Announce capacity not yet announced on this stream (credits are incremental)."""
+    def offer(self, capacity: int, min_batch: int = 1) -> None:
+        """Announce capacity not yet announced on this stream (credits are incremental).
+
+        While control still holds credits of ours, new ones are announced once at
+        least `min_batch` have gathered: one Ready, and one claim at control, per
+        batch of finished jobs rather than per job. With none outstanding, any
+        capacity is announced at once, so a worker is never left idle waiting.
+        """
         if not self.connected:
             return
         n = capacity - self._credits
-        if n > 0:
+        if n > 0 and (n >= min_batch or self._credits == 0):
             self._credits += n
             self._send(Req(ready=Req.Ready(credits=n)))
 

@@ -44,6 +44,9 @@ class Agent:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        #: credits announced together while control still holds some (a quarter of
+        #: what the worker can hold: 1 for a one-slot GPU worker without prefetch)
+        self._credit_batch = max(1, (settings.slots + settings.prefetch) // 4)
         self._identity: WorkerIdentity | None = None
         self.worker_id = settings.worker_id
         workdir = settings.workdir or str(Path(settings.state_dir or default_state_dir()) / "work")
@@ -182,7 +185,8 @@ class Agent:
         if self._draining:
             return
         self.stream.offer(
-            self.pool.idle_count() + self.settings.prefetch - len(self.attempts.waiting)
+            self.pool.idle_count() + self.settings.prefetch - len(self.attempts.waiting),
+            min_batch=self._credit_batch,
         )
 
     # -- stream → agent (worker._stream.StreamEvents) ---------------------------
