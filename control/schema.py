@@ -172,3 +172,29 @@ blobs = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
     sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=False, server_default=_now),
 )
+
+# Terminal jobs counted per (tenant, type, state), so GetStats and the metrics
+# never count the whole jobs table (which holds every finished job until the
+# retention sweeper deletes it). Triggers on `jobs` (migration 0003) append one
+# signed delta row per (tenant, type, terminal state) a statement changed;
+# `fold_job_counts` folds the deltas into `job_counts` now and then. Appending
+# takes no lock that another writer waits for (a counter row updated by every
+# completion would serialize them). QUEUED and RUNNING jobs are counted live,
+# on their partial indexes.
+job_counts = sa.Table(
+    "job_counts",
+    metadata,
+    sa.Column("tenant", sa.Text, primary_key=True),
+    sa.Column("type", sa.Text, primary_key=True),
+    sa.Column("state", sa.Text, primary_key=True),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)
+job_count_deltas = sa.Table(
+    "job_count_deltas",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=True), primary_key=True),
+    sa.Column("tenant", sa.Text, nullable=False),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("n", sa.BigInteger, nullable=False),
+)

@@ -45,7 +45,7 @@ from control.servicers.worker_service import WorkerService
 from control.services.blobs import BlobCollector, Blobs
 from control.services.dispatch import Dispatcher
 from control.services.leases import LeaseEnforcers
-from control.sweeper import RetentionSweeper
+from control.sweeper import JobCountsFolder, RetentionSweeper
 from spool.v1 import (
     blob_service_pb2,
     blob_service_pb2_grpc,
@@ -209,7 +209,7 @@ def _register_servicers(cp: ControlPlane, server: grpc.aio.Server) -> None:
     job_service = JobService(cp.db, cp.notifier, cp.settings)
     job_service_pb2_grpc.add_JobServiceServicer_to_server(job_service, server)
     cp.service_names.append(job_service_pb2.DESCRIPTOR.services_by_name["JobService"].full_name)
-    cp.components.append(RetentionSweeper(cp.db, cp.settings))
+    cp.components += [RetentionSweeper(cp.db, cp.settings), JobCountsFolder(cp.db)]
     if cp.settings.metrics_port > 0:
         # The queue gauges come from GetStats' own code, over every tenant.
         async def read_stats() -> dict[str, Any]:

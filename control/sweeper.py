@@ -1,8 +1,12 @@
-"""The retention sweeper: deletes terminal jobs (their events cascade) past their age.
+"""Housekeeping of the jobs table: the retention sweeper and the job-count folder.
 
-One named background task per replica; several replicas sweeping at once split
-the work (SKIP LOCKED). Deletes in bounded batches, each its own short
-transaction, so it never holds many locks or one long transaction.
+The sweeper deletes terminal jobs (their events cascade) past their age. One
+named background task per replica; several replicas sweeping at once split the
+work (SKIP LOCKED). Deletes in bounded batches, each its own short transaction,
+so it never holds many locks or one long transaction.
+
+The folder moves the terminal-count deltas the jobs triggers append into
+`job_counts` (control.schema), so what GetStats adds up stays small.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from control.store import jobs as store
 log = logging.getLogger(__name__)
 
 SWEEP_BATCH = 1000
+#: how often each replica folds the job-count deltas
+FOLD_COUNTS_INTERVAL_S = 1.0
 
 
 class RetentionSweeper:
@@ -47,4 +53,25 @@ class RetentionSweeper:
 
     async def stop(self) -> None:
         """Stop the loop (a sweep in flight finishes)."""
+        await self._loop.stop()
+
+
+class JobCountsFolder:
+    """Folds the job-count deltas into job_counts every FOLD_COUNTS_INTERVAL_S."""
+
+    def __init__(self, db: Database, interval_s: float = FOLD_COUNTS_INTERVAL_S) -> None:
+        self.db = db
+        self._loop = Periodic("job-counts-folder", self.fold_once, interval_s)
+
+    async def fold_once(self) -> int:
+        """Fold what is pending now (one statement); returns the counts it touched."""
+        async with self.db.autocommit() as s:
+            return await store.fold_job_counts(s)
+
+    async def start(self) -> None:
+        """Start the named loop `job-counts-folder`."""
+        await self._loop.start()
+
+    async def stop(self) -> None:
+        """Stop the loop (a fold in flight finishes)."""
         await self._loop.stop()

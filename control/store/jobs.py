@@ -336,31 +336,31 @@ async def delete_expired_jobs(session: AsyncSession, age_s: float, batch: int) -
 
 # ---------------------------------------------------------------- stats + workers
 
-# One pass over the tenant's jobs: counts per (type, state), and for claimable
-# QUEUED jobs their number and the oldest creation time.
+# Per (type, state): terminal states from the folded counts plus the deltas not
+# folded yet (control.schema.job_counts), QUEUED and RUNNING counted live on their
+# partial indexes (with the claimable queue's size and oldest job). Never a scan
+# of the whole jobs table, however many finished jobs it holds.
+_STATS_SQL_TEMPLATE = """
+    SELECT type, state, sum(n)::bigint AS n, 0::bigint AS ready,
+           CAST(NULL AS timestamptz) AS oldest, now() AS db_now
+    FROM (SELECT type, state, n FROM job_counts {where}
+          UNION ALL
+          SELECT type, state, n FROM job_count_deltas {where}) AS t
+    GROUP BY type, state HAVING sum(n) <> 0
+    UNION ALL
+    SELECT type, 'queued', count(*),
+           count(*) FILTER (WHERE not_before <= now()),
+           min(created_at) FILTER (WHERE not_before <= now()), now()
+    FROM jobs WHERE state = 'queued' {and_tenant} GROUP BY type
+    UNION ALL
+    SELECT type, 'running', count(*), 0, CAST(NULL AS timestamptz), now()
+    FROM jobs WHERE state = 'running' {and_tenant} GROUP BY type
+"""
 _STATS_SQL = sa.text(
-    """
-    SELECT type, state, count(*) AS n,
-           count(*) FILTER (WHERE state = 'queued' AND not_before <= now()) AS ready,
-           min(created_at) FILTER (WHERE state = 'queued' AND not_before <= now()) AS oldest,
-           now() AS db_now
-    FROM jobs WHERE tenant = :tenant
-    GROUP BY type, state
-    """
+    _STATS_SQL_TEMPLATE.format(where="WHERE tenant = :tenant", and_tenant="AND tenant = :tenant")
 )
-
-
 # The same over every tenant (the control plane's own metrics).
-_STATS_ALL_TENANTS_SQL = sa.text(
-    """
-    SELECT type, state, count(*) AS n,
-           count(*) FILTER (WHERE state = 'queued' AND not_before <= now()) AS ready,
-           min(created_at) FILTER (WHERE state = 'queued' AND not_before <= now()) AS oldest,
-           now() AS db_now
-    FROM jobs
-    GROUP BY type, state
-    """
-)
+_STATS_ALL_TENANTS_SQL = sa.text(_STATS_SQL_TEMPLATE.format(where="", and_tenant=""))
 
 
 async def job_stats(session: AsyncSession, tenant: str | None) -> list[Row]:
@@ -373,6 +373,26 @@ async def job_stats(session: AsyncSession, tenant: str | None) -> list[Row]:
     else:
         res = await session.execute(_STATS_SQL, {"tenant": tenant})
     return [r._mapping for r in res]
+
+
+# Move the count deltas into job_counts, in one statement. Concurrent folds take
+# disjoint deltas (a deleted row is skipped by the second DELETE), and the upsert
+# locks counts in one order, so two replicas folding at once cannot deadlock.
+_FOLD_COUNTS_SQL = sa.text(
+    """
+    WITH d AS (DELETE FROM job_count_deltas RETURNING tenant, type, state, n),
+    s AS (SELECT tenant, type, state, sum(n) AS n FROM d GROUP BY tenant, type, state)
+    INSERT INTO job_counts AS c (tenant, type, state, n)
+    SELECT tenant, type, state, n FROM s ORDER BY tenant, type, state
+    ON CONFLICT (tenant, type, state) DO UPDATE SET n = c.n + EXCLUDED.n
+    """
+)
+
+
+async def fold_job_counts(session: AsyncSession) -> int:
+    """Fold the pending count deltas into job_counts; how many (tenant, type, state) moved."""
+    res = await session.execute(_FOLD_COUNTS_SQL)
+    return cast("sa.CursorResult[Any]", res).rowcount or 0
 
 
 async def db_now(session: AsyncSession) -> datetime:
