@@ -22,6 +22,7 @@ import sys
 from control.config import Settings
 from control.logs import configure_logging
 from control.server import start_server
+from spool import runloop
 
 log = logging.getLogger("spool.devrun")
 
@@ -93,7 +94,7 @@ def main() -> None:
         settings = settings.replace(metrics_port=CONTROL_METRICS_PORT)
     configure_logging(settings.log_format, settings.log_level)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(settings))
+        runloop.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from control.config import Settings, convert, settings_fields
 from control.embedded import EmbeddedPostgres
 from control.logs import configure_logging
 from control.server import start_server
+from spool import runloop
 
 log = logging.getLogger("spool.control")
 
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         migrate(settings)
         return 0
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+        runloop.run(serve(settings))
     return 0
 
 

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from spool import runloop
 from worker._config import settings_from_args
 from worker.agent import Agent
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(_serve(Agent(settings)))
+        runloop.run(_serve(Agent(settings)))
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1
