@@ -872,11 +872,12 @@ class Dispatcher:
         poisoned = []
         for job_id in ids:
             try:
+                args = store.claim_args(
+                    session.worker_id, hello.job_types, hello.labels, 1, now,
+                    lease_s=self.settings.lease_s, tenants=session.tenants, only_id=job_id,
+                )  # fmt: skip
                 async with self.db.rolled_back() as s:
-                    await store.claim_jobs(
-                        s, session.worker_id, hello.job_types, hello.labels, 1, now,
-                        lease_s=self.settings.lease_s, tenants=session.tenants, only_id=job_id,
-                    )  # fmt: skip
+                    await store.claim_jobs(s, args)
             except Exception as probe_exc:
                 if not is_bad_value(probe_exc):
                     raise

@@ -248,19 +248,8 @@ async def claim_unkeyed(
     return [r for r in rows if r["started"]], [r for r in rows if not r["started"]]
 
 
-async def claim_jobs(
-    session: AsyncSession,
-    worker_id: str,
-    job_types: Sequence[str],
-    worker_labels: Mapping[str, str],
-    limit: int,
-    now: datetime,
-    *,
-    lease_s: float,
-    tenants: Sequence[str] | None = None,
-    only_id: str | None = None,
-) -> ClaimResult:
-    """Claim up to `limit` jobs for a worker and mark them RUNNING, in the caller's transaction.
+async def claim_jobs(session: AsyncSession, args: Mapping[str, Any]) -> ClaimResult:
+    """Claim for a worker (`claim_args`) and mark the jobs RUNNING, in the caller's transaction.
 
     Best priority first, then oldest; only the worker's job types, only jobs
     whose `worker_selector` is a subset of the worker's labels, only jobs whose
@@ -269,10 +258,9 @@ async def claim_jobs(
     running and starts at least `min_start_interval` apart, race-free across
     replicas. One round trip when no candidate has a key. `only_id` narrows the
     claim to one job (to find a job that makes claims fail, see
-    `claim_candidates`).
+    `claim_candidates`). The dispatcher runs the two steps on their own
+    (`claim_unkeyed` on an autocommit connection, then `start_keyed`).
     """
-    args = claim_args(worker_id, job_types, worker_labels, limit, now, lease_s=lease_s,
-                      tenants=tenants, only_id=only_id)  # fmt: skip
     result = ClaimResult()
     result.jobs, keyed = await claim_unkeyed(session, args)
     if keyed:

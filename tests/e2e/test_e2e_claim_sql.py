@@ -50,7 +50,8 @@ async def _insert(db, n: int, **cols) -> list[str]:
 
 async def _claim(db, worker: str, limit: int) -> store.ClaimResult:
     async with db.session() as s, s.begin():
-        return await store.claim_jobs(s, worker, ["x"], {}, limit, datetime.now(UTC), lease_s=30)
+        args = store.claim_args(worker, ["x"], {}, limit, datetime.now(UTC), lease_s=30)
+        return await store.claim_jobs(s, args)
 
 
 async def _running(db) -> Counter:

@@ -232,21 +232,27 @@ async def test_workers_of_a_dead_replica_are_marked_disconnected(cp, raw):
     await wait_until(gone, timeout=10)
 
 
-async def test_a_job_whose_stored_values_break_the_claim_is_quarantined(cp, client, raw):
-    """If a claim statement errors on a stored value anyway, that job alone is set aside."""
+async def _insert_poison(cp, concurrency_key: str | None = None) -> uuid.UUID:
+    """A QUEUED job of tenant globex, first in line, holding a value no Submit accepts
+    (finished_at in the year 20000, which the control plane cannot decode)."""
     poison = uuid.uuid4()
     async with cp.db.session() as s, s.begin():
-        # A value no Submit accepts (the year 20000 cannot be decoded by the control plane),
-        # on a keyed job: keyed candidates are started in a transaction, which rolls back.
         await s.execute(
             sa.text(
                 "INSERT INTO jobs (id, tenant, type, max_attempts, state, priority, finished_at,"
                 " concurrency_key, concurrency_limit) "
                 "VALUES (:id, 'globex', 'debug.noop', 1, 'queued', 10, "
-                "'20000-01-01T00:00:00Z', 'k', 1)"
+                "'20000-01-01T00:00:00Z', :key, 1)"
             ),
-            {"id": poison},
+            {"id": poison, "key": concurrency_key},
         )
+    return poison
+
+
+async def test_a_job_whose_stored_values_break_the_claim_is_quarantined(cp, client, raw):
+    """If a claim statement errors on a stored value anyway, that job alone is set aside."""
+    # On a keyed job: keyed candidates are started in a transaction, which rolls back.
+    poison = await _insert_poison(cp, concurrency_key="k")
     good = await client.submit("debug.noop")
     w = raw(FLEET_KEY)
     (a,) = await _assigned(w, "fleet-q")
@@ -268,16 +274,7 @@ async def test_a_job_the_claim_started_but_could_not_read_back_is_handed_back(cp
     """The claim statement commits what it starts; a row it cannot read back is not left
     RUNNING on a worker that never heard of it: it is handed back (its budget kept), and
     here the hand-back clears the bad value, so the job simply runs."""
-    poison = uuid.uuid4()
-    async with cp.db.session() as s, s.begin():
-        await s.execute(
-            sa.text(
-                "INSERT INTO jobs (id, tenant, type, max_attempts, state, priority, finished_at) "
-                "VALUES (:id, 'globex', 'debug.noop', 1, 'queued', 10, "
-                "'20000-01-01T00:00:00Z')"
-            ),
-            {"id": poison},
-        )
+    poison = await _insert_poison(cp)
     good = await client.submit("debug.noop")
     w = raw(FLEET_KEY)
     got = await _assigned(w, "fleet-h", credits=2)
