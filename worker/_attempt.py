@@ -13,6 +13,7 @@ one `Coalescer` per attempt.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -145,24 +146,15 @@ def _upload_outputs(config: dict[str, Any], job: dict[str, Any], outputs: dict[s
     ]
 
 
-def run_attempt(
+def _prepare(
     job: dict[str, Any],
     handlers: dict[str, Handler],
     device: str,
     config: dict[str, Any],
     send_progress: ProgressSink,
     cancel_flag: Any,
-) -> Outcome:
-    """Run one job to its `Outcome`; never raises an `Exception`.
-
-    `send_progress` gets the coalesced progress dicts (the final one before
-    this returns); `cancel_flag` is anything with `is_set()` (a
-    `multiprocessing.Event` across the pipe, a `threading.Event` on a thread).
-    The work directory exists only if the handler asked for it, and is
-    removed before this returns.
-    """
-    from worker.testing import validate_params
-
+) -> tuple[Handler, AttemptContext, Coalescer[Progress]] | Outcome:
+    """The handler, context and coalescer of one attempt (or the Outcome: no handler)."""
     handler = handlers.get(job["type"])
     if handler is None:
         return Outcome.failed("UNKNOWN_JOB_TYPE", f"this worker has no handler for {job['type']!r}",
@@ -183,28 +175,99 @@ def run_attempt(
         allowed_file_root=config.get("file_root") or None,
     )
     holder.append(ctx)
+    return handler, ctx, coalescer
+
+
+def _result(out: Any) -> dict[str, Any] | Outcome:
+    """What `run` returned as the JSON result (or the INVALID_RESULT Outcome)."""
     try:
-        params = validate_params(handler, job.get("params"))
-        out = handler.run(ctx, params)
-        coalescer.close()
-        try:
-            result = json.loads(json.dumps(out if out is not None else {}))
-        except (TypeError, ValueError) as exc:
-            return Outcome.failed("INVALID_RESULT", f"result is not JSON: {exc}", retryable=False)
-        if not isinstance(result, dict):
-            return Outcome.failed("INVALID_RESULT", f"result must be a dict, got "
-                                  f"{type(out).__name__}", retryable=False)  # fmt: skip
-        outputs = _upload_outputs(config, job, ctx.outputs())
-        return Outcome.completed(result, outputs)
-    except Cancelled:
+        result = json.loads(json.dumps(out if out is not None else {}))
+    except (TypeError, ValueError) as exc:
+        return Outcome.failed("INVALID_RESULT", f"result is not JSON: {exc}", retryable=False)
+    if not isinstance(result, dict):
+        return Outcome.failed("INVALID_RESULT", f"result must be a dict, got "
+                              f"{type(out).__name__}", retryable=False)  # fmt: skip
+    return result
+
+
+def _failure(exc: Exception, job: dict[str, Any]) -> Outcome:
+    """The Outcome of an attempt whose handler raised `exc`."""
+    if isinstance(exc, Cancelled):
         return Outcome.cancelled()
-    except JobError as exc:
+    if isinstance(exc, JobError):
         return Outcome.failed(exc.code, exc.message[:2000], retryable=bool(exc.retryable),
                               retry_delay_s=exc.retry_delay_s)  # fmt: skip
+    log.error("job %s attempt %s (%s) failed:\n%s", job["job_id"], job["attempt"],
+              job["type"], traceback.format_exc())  # fmt: skip
+    return Outcome.failed("HANDLER_ERROR", f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def run_attempt(
+    job: dict[str, Any],
+    handlers: dict[str, Handler],
+    device: str,
+    config: dict[str, Any],
+    send_progress: ProgressSink,
+    cancel_flag: Any,
+) -> Outcome:
+    """Run one job to its `Outcome`; never raises an `Exception`.
+
+    `send_progress` gets the coalesced progress dicts (the final one before
+    this returns); `cancel_flag` is anything with `is_set()` (a
+    `multiprocessing.Event` across the pipe, a `threading.Event` on a thread).
+    The work directory exists only if the handler asked for it, and is
+    removed before this returns.
+    """
+    from worker.testing import validate_params
+
+    prepared = _prepare(job, handlers, device, config, send_progress, cancel_flag)
+    if isinstance(prepared, Outcome):
+        return prepared
+    handler, ctx, coalescer = prepared
+    try:
+        out = handler.run(ctx, validate_params(handler, job.get("params")))
+        coalescer.close()
+        result = _result(out)
+        if isinstance(result, Outcome):
+            return result
+        return Outcome.completed(result, _upload_outputs(config, job, ctx.outputs()))
     except Exception as exc:
-        log.error("job %s attempt %s (%s) failed:\n%s", job["job_id"], job["attempt"],
-                  job["type"], traceback.format_exc())  # fmt: skip
-        return Outcome.failed("HANDLER_ERROR", f"{type(exc).__name__}: {exc}"[:2000])
+        return _failure(exc, job)
+    finally:
+        coalescer.close()
+        ctx.remove_workdir()
+
+
+async def run_attempt_async(
+    job: dict[str, Any],
+    handlers: dict[str, Handler],
+    device: str,
+    config: dict[str, Any],
+    send_progress: ProgressSink,
+    cancel_flag: Any,
+) -> Outcome:
+    """`run_attempt` for an `isolation = "async"` handler, on the worker's event loop.
+
+    Awaits the handler's `async def run`; outputs are uploaded on a thread (that
+    is blocking I/O). A forced stop cancels this task: the CancelledError goes up.
+    """
+    from worker.testing import validate_params
+
+    prepared = _prepare(job, handlers, device, config, send_progress, cancel_flag)
+    if isinstance(prepared, Outcome):
+        return prepared
+    handler, ctx, coalescer = prepared
+    try:
+        out = await handler.run(ctx, validate_params(handler, job.get("params")))  # type: ignore[misc]
+        coalescer.close()
+        result = _result(out)
+        if isinstance(result, Outcome):
+            return result
+        outputs = ctx.outputs()
+        uris = await asyncio.to_thread(_upload_outputs, config, job, outputs) if outputs else []
+        return Outcome.completed(result, uris)
+    except Exception as exc:
+        return _failure(exc, job)
     finally:
         coalescer.close()
         ctx.remove_workdir()

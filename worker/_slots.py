@@ -13,6 +13,9 @@ A job type runs where its handler's `isolation` says:
   cooperative only: a thread cannot be killed, so `kill_job` reports the job
   "killed" at once and abandons its thread, which runs on until the handler
   returns; its outcome is then dropped (see `abandoned_threads`).
+- "async": the handler's `async def run` is a task on this process's event
+  loop: no thread hop at all. `kill_job` reports it "killed" and cancels the
+  task (its outcome is dropped the same way).
 
 Either way a running job holds one of the `slots`: `idle_count()` (the
 worker's credits) is what is free for a job of any type. A worker that
@@ -35,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker._attempt import run_attempt, setup_handlers
+from worker._attempt import run_attempt, run_attempt_async, setup_handlers
 from worker._outcome import Outcome, Progress
 from worker._slot_child import resolve_device, slot_main
 from worker.handlers import thread_handlers
@@ -105,6 +108,8 @@ class ThreadJob:
     cancel_flag: CancelFlag = field(default_factory=CancelFlag)
     #: set by `kill_job` or `stop`: whatever the thread still reports is dropped
     abandoned: bool = False
+    #: the task of an "async" job (None on a thread)
+    task: asyncio.Task[Outcome] | None = None
 
 
 class _Threads:
@@ -341,6 +346,9 @@ class SlotPool:
         if self.busy_count() >= self.size:
             return None
         if self.is_thread_type(job["type"]):
+            handler = self._thread_handlers.get(job["type"])
+            if getattr(handler, "isolation", "thread") == "async":
+                return self._start_async_job(key, job)
             return self._start_thread_job(key, job)
         for slot in self.slots:
             if slot.state == "idle":
@@ -378,6 +386,8 @@ class SlotPool:
         if run is not None:
             run.abandoned = True
             run.cancel_flag.set()
+            if run.task is not None:
+                run.task.cancel()
             self._abandoned += 1
             log.warning("abandoning the thread of job %s attempt %s (it cannot be killed; "
                         "%d abandoned thread(s) still running)", *key, self._abandoned)  # fmt: skip
@@ -418,6 +428,33 @@ class SlotPool:
             lambda outcome: self._post(self._on_thread_done, run, outcome),
         )
         return run
+
+    def _start_async_job(self, key: JobKey, job: dict[str, Any]) -> ThreadJob:
+        run = ThreadJob(key=key)
+        self._thread_jobs[key] = run
+
+        def send_progress(progress: Progress) -> None:
+            # Called on the loop, or from the coalescer's timer thread.
+            self._post(self._on_thread_progress, run, progress)
+
+        assert self._loop is not None
+        run.task = self._loop.create_task(
+            run_attempt_async(job, self._thread_handlers, self._device, self._config,
+                              send_progress, run.cancel_flag),
+            name=f"job-{key[0]}-{key[1]}",
+        )  # fmt: skip
+        run.task.add_done_callback(lambda task: self._on_async_done(run, task))
+        return run
+
+    def _on_async_done(self, run: ThreadJob, task: asyncio.Task[Outcome]) -> None:
+        if task.cancelled():
+            outcome = Outcome.killed()
+        elif task.exception() is not None:  # BaseException: what a slot would die of
+            log.error("job %s attempt %s ended its task: %r", *run.key, task.exception())
+            outcome = Outcome.crashed(None)
+        else:
+            outcome = task.result()
+        self._on_thread_done(run, outcome)
 
     def _run_thread_job(self, run: ThreadJob, job: dict[str, Any]) -> Outcome:
         """On a pool thread: run the job to its outcome (handed to the loop after)."""

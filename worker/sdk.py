@@ -22,8 +22,9 @@ A job type is one module with a `Handler` subclass::
             return {"ok": True}
 
 A light job type may set `isolation = "thread"` to run on a thread of the
-worker process instead of a slot subprocess (see `Handler.isolation` for
-what that trades away).
+worker process instead of a slot subprocess, or `isolation = "async"` with an
+`async def run` to run on the worker's event loop (see `Handler.isolation` for
+what each trades away).
 
 The runtime behind `JobContext` lives in private modules (`worker._context`,
 `worker._attempt`, `worker._slots`, `worker._slot_child`) and in
@@ -144,7 +145,12 @@ class Handler(abc.ABC):
     #: only cooperative (`ctx.cancelled`): a forced stop reports the attempt
     #: killed at once and abandons the thread, which runs on until `run`
     #: returns (its outcome discarded), and a crash takes the worker down.
-    #: For light, well-behaved job types only.
+    #: For light, well-behaved job types only. "async": `run` is an `async def`,
+    #: awaited on the worker's event loop itself (no thread, no process): for
+    #: I/O-bound and tiny jobs written with asyncio. A forced stop cancels it
+    #: (CancelledError at its next await); anything blocking in it (CPU work,
+    #: `ctx.input`, which downloads: use `await asyncio.to_thread(...)`) stalls
+    #: the worker's stream meanwhile.
     isolation: ClassVar[str] = "process"
 
     def setup(self, device: str) -> None:  # noqa: B027 - optional hook

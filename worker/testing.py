@@ -14,6 +14,8 @@ turns the outcome into a `HarnessResult` the way the worker would report it.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import tempfile
 import threading
@@ -113,6 +115,10 @@ def validate_params(handler: Handler, params: dict[str, Any] | None) -> Any:
         raise PermanentError(f"invalid params: {problems}", code="INVALID_PARAMS") from exc
 
 
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
 def run_handler(
     handler: Handler | type[Handler],
     params: dict[str, Any] | None = None,
@@ -125,7 +131,8 @@ def run_handler(
 ) -> HarnessResult:
     """Run `handler` once in this thread and report what happened.
 
-    Calls `setup(device)` then `run(ctx, params)`. With `cancel_after_s`, the
+    Calls `setup(device)` then `run(ctx, params)` (awaited on a fresh event loop
+    for an `async def run`). With `cancel_after_s`, the
     context is cancelled that many seconds after `run` starts. Pass `ctx` to
     control the context yourself (e.g. cancel it from another thread).
     `workdir` defaults to a fresh temporary directory that is left in place
@@ -147,6 +154,8 @@ def run_handler(
             timer.daemon = True
             timer.start()
         out = handler.run(ctx, parsed)
+        if inspect.isawaitable(out):  # an `isolation = "async"` handler: its own loop here
+            out = asyncio.run(_awaited(out))
         res.result = dict(out) if out is not None else None
     except Cancelled:
         res.cancelled = True

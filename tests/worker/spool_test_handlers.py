@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -9,7 +10,7 @@ import time
 from pydantic import BaseModel
 
 from worker.handlers.debug import Sleep
-from worker.sdk import Handler, JobContext
+from worker.sdk import Handler, JobContext, PermanentError
 
 SETUPS = 0
 
@@ -132,3 +133,35 @@ class ThreadWriter(Writer):
 
     name = "test.thread_writer"
     isolation = "thread"
+
+
+# -- async job types: awaited on the worker's event loop ---------------------
+
+
+class AsyncSleepParams(BaseModel):
+    duration: float = 0.0
+    steps: int = 1
+    fail: bool = False
+    ignore_cancel: bool = False
+    result_of: str = ""
+
+
+class AsyncSleep(Handler):
+    """Sleeps with `await`, reporting progress; fails, honours or ignores a cancel as asked."""
+
+    name = "test.async_sleep"
+    Params = AsyncSleepParams
+    isolation = "async"
+
+    async def run(self, ctx: JobContext, params: AsyncSleepParams) -> dict:
+        loop = asyncio.get_running_loop()
+        for step in range(params.steps):
+            if not params.ignore_cancel:
+                ctx.check_cancelled()
+            ctx.progress(done=step + 1, total=params.steps, unit="steps")
+            await asyncio.sleep(params.duration / params.steps)
+        if params.fail:
+            raise PermanentError("failed as asked", code="ASYNC_FAIL")
+        if params.result_of == "not-json":
+            return {"loop": object()}
+        return {"thread": threading.current_thread().name, "loop": type(loop).__name__}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from worker.handlers import load_handlers
+from worker.handlers import isolation_of, load_handlers
 from worker.handlers.debug import Noop, Sleep
 from worker.sdk import Handler, JobContext, PermanentError, RetryableError
 from worker.testing import FakeJobContext, run_handler
@@ -145,3 +145,25 @@ def test_registry_has_debug_types_and_filters():
     assert list(reg) == ["test.copy"]
     with pytest.raises(ModuleNotFoundError):
         load_handlers("no_such_module_xyz:Thing", optional=False)
+
+
+def test_async_handlers_are_awaited_and_checked_at_registration():
+    from spool_test_handlers import AsyncSleep
+
+    res = run_handler(AsyncSleep(), {"duration": 0.02, "steps": 2})
+    assert res.error is None and res.result["thread"] == "MainThread"
+    assert [p["done"] for p in res.progress] == [1, 2]
+    assert run_handler(AsyncSleep(), {"fail": True}).error.code == "ASYNC_FAIL"
+
+    class NotAsync(Sleep):
+        name = "test.not_async"
+        isolation = "async"
+
+    class NotThread(AsyncSleep):
+        name = "test.not_thread"
+        isolation = "thread"
+
+    assert isolation_of("test.async_sleep", AsyncSleep) == "async"
+    for cls in (NotAsync, NotThread):
+        with pytest.raises(ValueError, match='isolation "async"'):
+            isolation_of(cls.name, cls)

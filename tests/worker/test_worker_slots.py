@@ -18,7 +18,7 @@ TEST_HANDLERS = "spool_test_handlers"
 TEST_TYPES = ["debug.sleep", "debug.noop", "test.probe", "test.boom", "test.crash",
               "test.chatty", "test.writer",
               "test.thread_probe", "test.thread_sleep", "test.thread_chatty",
-              "test.thread_writer"]  # fmt: skip
+              "test.thread_writer", "test.async_sleep"]  # fmt: skip
 
 
 class Recorder:
@@ -270,6 +270,62 @@ async def test_a_thread_job_ignoring_cancel_is_reported_killed_and_the_slot_serv
     await asyncio.sleep(0.05)
     assert rec.done[key] == Outcome.killed()
     assert len(rec.progress[key]) == progress_seen
+
+
+# -- async jobs (Handler.isolation = "async") --------------------------------
+
+
+async def test_async_jobs_run_on_the_loop_with_the_same_outcomes(pool: SlotPool):
+    rec = pool.rec  # type: ignore[attr-defined]
+    await pool.start()
+    await wait_for(lambda: pool.idle_count() == 1)
+    key = ("as", 1)
+    assert pool.start_job(key, job("as", "test.async_sleep", {"duration": 0.3, "steps": 3}))
+    assert pool.busy_count() == 1 and pool.idle_count() == 0  # it holds the slot
+    await wait_for(lambda: key in rec.done)
+    out = rec.done[key]
+    assert out.status == "completed"
+    assert out.result["thread"] == "MainThread"  # the loop's own thread: no hop
+    assert rec.progress[key][-1]["done"] == 3 and pool.idle_count() == 1
+    for job_id, params, want in [
+        ("af", {"fail": True}, Outcome.failed("ASYNC_FAIL", "failed as asked", retryable=False)),
+        ("ab", {"duration": "soon"}, None),
+        ("aj", {"result_of": "not-json"}, None),
+    ]:
+        k = (job_id, 1)
+        pool.start_job(k, job(job_id, "test.async_sleep", params))
+        await wait_for(lambda k=k: k in rec.done)
+        if want is not None:
+            assert rec.done[k] == want
+    assert rec.done[("ab", 1)].code == "INVALID_PARAMS"
+    assert rec.done[("aj", 1)].code == "INVALID_RESULT"
+    key = ("ac", 1)
+    pool.start_job(key, job("ac", "test.async_sleep", {"duration": 30, "steps": 300}))
+    await asyncio.sleep(0.2)
+    assert pool.cancel(key)
+    await wait_for(lambda: key in rec.done, 2.0)
+    assert rec.done[key] == Outcome.cancelled()
+
+
+async def test_an_async_job_ignoring_cancel_is_stopped_by_force(pool: SlotPool):
+    rec = pool.rec  # type: ignore[attr-defined]
+    await pool.start()
+    await wait_for(lambda: pool.idle_count() == 1)
+    key = ("stubborn", 1)
+    pool.start_job(key, job("stubborn", "test.async_sleep",
+                            {"duration": 30, "steps": 300, "ignore_cancel": True}))  # fmt: skip
+    await wait_for(lambda: key in rec.progress)
+    assert pool.cancel(key)
+    await asyncio.sleep(0.2)
+    assert key not in rec.done
+    assert pool.kill_job(key)
+    assert rec.done[key] == Outcome.killed() and pool.busy_count() == 0
+    # Its task is cancelled at its next await: nothing is left running.
+    await wait_for(lambda: pool.abandoned_threads() == 0, 2.0)
+    k = ("next", 1)
+    assert pool.start_job(k, job("next", "debug.noop")) is not None
+    await wait_for(lambda: k in rec.done)
+    assert rec.done[k].status == "completed" and rec.done[key] == Outcome.killed()
 
 
 async def test_a_process_job_is_still_killed_with_its_slot_next_to_thread_jobs(make_pool):

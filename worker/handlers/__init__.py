@@ -29,7 +29,7 @@ OPTIONAL_MODULES = (
 )
 HANDLERS_ENV = "SPOOL_WORKER_HANDLERS"
 #: the values `Handler.isolation` may take
-ISOLATIONS = ("process", "thread")
+ISOLATIONS = ("process", "thread", "async")
 
 
 def handlers_in_module(module: ModuleType) -> list[type[Handler]]:
@@ -107,18 +107,29 @@ def load_handlers(
 def thread_handlers(
     extra: str | list[str] | None = None, *, types: list[str] | None = None
 ) -> dict[str, type[Handler]]:
-    """The job types of the registry that run on threads (`isolation = "thread"`).
+    """The job types of the registry that run in the worker process itself
+    (`isolation = "thread"` or `"async"`).
 
     Read in the worker process, which runs those itself; the optional media
     modules are not imported for it (they are process types, and the worker
     process never imports torch). A value of `isolation` other than
-    "process" or "thread" raises: a typo must not silently pick one.
+    "process", "thread" or "async" raises: a typo must not silently pick one,
+    and so does an "async" type whose `run` is not an `async def` (or a
+    "thread" one whose `run` is).
     """
     found = {}
     for name, cls in load_handlers(extra, types=types, optional=False).items():
-        isolation = getattr(cls, "isolation", "process")
-        if isolation not in ISOLATIONS:
-            raise ValueError(f"{name}: isolation must be one of {ISOLATIONS}, got {isolation!r}")
-        if isolation == "thread":
+        if isolation_of(name, cls) != "process":
             found[name] = cls
     return found
+
+
+def isolation_of(name: str, cls: type[Handler]) -> str:
+    """The `isolation` a handler class declares, checked: a value not in ISOLATIONS, an
+    "async" type whose `run` is not an `async def`, or another whose `run` is, raises."""
+    isolation = getattr(cls, "isolation", "process")
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"{name}: isolation must be one of {ISOLATIONS}, got {isolation!r}")
+    if (isolation == "async") != inspect.iscoroutinefunction(cls.run):
+        raise ValueError(f'{name}: isolation "async" goes with an `async def run` (and only it)')
+    return isolation

@@ -21,10 +21,10 @@ class Noop(Handler):
 
     name = "debug.noop"
     Params = NoopParams
-    #: nothing to kill and nothing to crash: no process hop for it
-    isolation = "thread"
+    #: nothing to kill, crash or block: it runs on the worker's event loop itself
+    isolation = "async"
 
-    def run(self, ctx: JobContext, params: NoopParams) -> dict[str, Any]:
+    async def run(self, ctx: JobContext, params: NoopParams) -> dict[str, Any]:
         return {}
 
 
