@@ -569,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     a("--concurrency", type=int, default=64, help="concurrent single-submit callers")
     a("--spool-workers", default="1x8", help="Spool worker processes x slots each")
     a("--spool-worker-arg", action="append", default=None,
-      help="extra spool-worker flag (default: --prefetch=64; give '' for none)")  # fmt: skip
+      help="extra spool-worker flag (default: --prefetch=256; give '' for none)")  # fmt: skip
     a("--pgq-batch-size", type=int, default=10, help="pgqueuer QueueManager.run batch_size")
     a("--pgq-rt-batch-size", type=int, default=1, help="pgqueuer batch_size for round trip")
     a("--pgq-pool", type=int, default=30, help="asyncpg pool of the concurrent pgqueuer callers")
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         args.echo_seconds = 2.0 if args.quick else 3.0
     if args.spool_worker_arg is None:
         # No-op jobs are the case prefetch is for: a slot never waits a round trip.
-        args.spool_worker_arg = ["--prefetch=64"]
+        args.spool_worker_arg = ["--prefetch=256"]
     args.spool_worker_arg = [a for a in args.spool_worker_arg if a]
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
