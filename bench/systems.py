@@ -178,7 +178,8 @@ class SpoolSystem:
             f"`python -m control.main` (defaults, auth off) + {self.procs} x "
             f"`python -m worker.main --slots {self.slots} --types debug.noop`"
             + (f" {' '.join(worker_args)}" if worker_args else "")
-            + "; job type `debug.noop` (`isolation = \"async\"`: an `async def run` on the worker's event loop)"
+            + '; job type `debug.noop` (`isolation = "async"`: an `async def run`'
+            " on the worker's event loop)"
         )
 
     async def start(self, rep: int) -> None:
