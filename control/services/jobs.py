@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import json
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -104,7 +105,11 @@ def parse_job_id(text: str, field_name: str = "job_id") -> uuid.UUID:
 
 
 def validate_spec(
-    spec: JobSpec, prefix: str, default_max_attempts: int, now: datetime | None = None
+    spec: JobSpec,
+    prefix: str,
+    default_max_attempts: int,
+    now: datetime | None = None,
+    job_id: uuid.UUID | None = None,
 ) -> NewJob:
     """Check every field of a spec (errors name `<prefix>.<field>`) and build the row to insert.
 
@@ -174,17 +179,26 @@ def validate_spec(
         "timeout_ms": spec.timeout_ms,
         "max_attempts": spec.max_attempts or default_max_attempts,
     }
-    # The idempotency check compares what was asked, not when or under which key.
-    digest = hashlib.sha256(
-        json.dumps(normalized, sort_keys=True, default=str).encode()
-    ).hexdigest()
+    # The idempotency check compares what was asked, not when or under which key
+    # (only a job with a request_id can be asked for again).
+    digest = (
+        hashlib.sha256(json.dumps(normalized, sort_keys=True, default=str).encode()).hexdigest()
+        if request_id
+        else None
+    )
     return NewJob(
-        id=uuid.uuid4(),
+        id=job_id or uuid.uuid4(),
         request_id=request_id or None,
         spec_hash=digest,
         params_json=params_json,
         **normalized,
     )
+
+
+def new_job_ids(n: int) -> list[uuid.UUID]:
+    """`n` random (version 4) UUIDs from one read of the OS's random source."""
+    raw = os.urandom(16 * n)
+    return [uuid.UUID(bytes=raw[16 * i : 16 * i + 16], version=4) for i in range(n)]
 
 
 def encode_page_token(created_at: datetime, job_id: uuid.UUID) -> str:
@@ -312,8 +326,10 @@ class JobsService:
             raise InvalidArgument("jobs", f"at most {MAX_BATCH} jobs per batch")
         new_jobs: list[NewJob] = []
         seen: set[str] = set()
+        ids = new_job_ids(len(specs))
         for i, spec in enumerate(specs):
-            job = validate_spec(spec, f"jobs[{i}]", self.settings.default_max_attempts)
+            job = validate_spec(spec, f"jobs[{i}]", self.settings.default_max_attempts,
+                                job_id=ids[i])  # fmt: skip
             if job.request_id is not None:
                 if job.request_id in seen:
                     raise InvalidArgument(f"jobs[{i}].request_id", "repeated within the batch")

@@ -61,7 +61,8 @@ class NewJob:
     timeout_ms: int
     max_attempts: int
     request_id: str | None
-    spec_hash: str
+    #: what was asked, hashed (only with a request_id: the idempotency check)
+    spec_hash: str | None
     #: `params` as JSON text, when the caller already has it (saves serializing it twice)
     params_json: str = ""
 

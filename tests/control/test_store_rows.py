@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from control.services.jobs import JobSpec, validate_spec
@@ -35,3 +36,16 @@ async def test_inserted_rows_equal_the_stored_rows(db) -> None:
         assert want is not None
         assert dict(got) == dict(want)
     assert inserted[2]["not_before"] == datetime(1, 1, 1, tzinfo=UTC)  # not -infinity
+
+
+def test_job_ids_of_a_batch_are_distinct_version_4_uuids() -> None:
+    from control.services.jobs import new_job_ids
+
+    ids = new_job_ids(500)
+    assert len(set(ids)) == 500
+    assert {i.version for i in ids} == {4} and {i.variant for i in ids} == {uuid.RFC_4122}
+
+
+async def test_only_a_job_with_a_request_id_carries_a_spec_hash(db) -> None:
+    plain, keyed = (validate_spec(JobSpec(type="t", request_id=r), "job", 3) for r in ("", "k"))
+    assert plain.spec_hash is None and keyed.spec_hash
