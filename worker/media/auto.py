@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 SPOT_SAMPLES = 96
 #: ... and frames without it (still camera: the reference it is blended on)
 OFF_SAMPLES = 32
-#: extra pixels around a detected box in the analysis crops
+#: extra pixels around a detected box in the analysis crops (at least; see `_spot_data`)
 PAD = 24
 #: frames the blend test of one candidate fits on, and the joint matte of a mark
 TEST_FRAMES = 24
@@ -63,6 +63,9 @@ MIN_EXPLAINED = 0.75
 #: with a panning camera, inverting a mark must cut the motion-compensated
 #: frame difference on it by at least this share
 MIN_MOTION_GAIN = 0.0
+#: still camera: of the frames that do not show a candidate whole, at most this
+#: share may show it in part (an object crossing in front of the scene does)
+MAX_PARTIAL = 0.25
 #: a template needs this many clear pixels (shape > 0.2) to be looked for elsewhere:
 #: a fragment of a few strokes matches texture anywhere
 MIN_MARK_PIXELS = 64
@@ -189,9 +192,13 @@ class AutoPlanner:
 
     def _spot_data(self, s: Spot, det: Detection) -> _SpotData:
         fh, fw = self.r.info.height, self.r.info.width
-        y0, x0 = _even_floor(max(s.y - PAD, 0)), _even_floor(max(s.x - PAD, 0))
-        h = _even_floor(min(s.y + s.h + PAD, fh) - y0)
-        w = _even_floor(min(s.x + s.w + PAD, fw) - x0)
+        # A box may have cut the mark (part of it over a busy background): the
+        # crop reaches half the box's size beyond it, so the whole mark found
+        # elsewhere can still be looked for here.
+        py, px = max(PAD, s.h // 2), max(PAD, s.w // 2)
+        y0, x0 = _even_floor(max(s.y - py, 0)), _even_floor(max(s.x - px, 0))
+        h = _even_floor(min(s.y + s.h + py, fh) - y0)
+        w = _even_floor(min(s.x + s.w + px, fw) - x0)
         seen = s.windows if det.moving else s.strong
         on = [i for wi in sorted(seen) for i in _window_frames(det, wi)]
         off: list[int] = []
@@ -239,15 +246,34 @@ class AutoPlanner:
             return False
         # Drop on-frames that do not show it and off-frames that do, then fit again.
         assert d.shape is not None
-        keep_on = _shows(torch.from_numpy(np.stack(d.on_y)), d.shape)
-        shows_off = _shows(torch.from_numpy(np.stack(d.off_y)), d.shape)
+        # One threshold for on and off frames together: under a still camera the
+        # off frames are all alike, and a threshold drawn from them alone splits
+        # their one cluster (every off frame then "shows" the mark).
+        every = _yuv(d.on_y + d.off_y, d.on_uv + d.off_uv)
+        shows = _shows(torch.from_numpy(np.stack(d.on_y + d.off_y)), d.shape)
+        keep_on, shows_off = shows[: len(d.on_y)], shows[len(d.on_y) :]
         if int(keep_on.sum()) < 3:
             return self._reject(d, "seen in too few frames to analyse")
         self._keep(d, keep_on)
         if bool(shows_off.all()):
             return self._reject(d, "still camera and never absent: cannot be told from the scene")
         self._keep(d, ~shows_off, on=False)
-        return self._fit_still(d)
+        if not self._fit_still(d):
+            return False
+        # A mark comes and goes all at once; something passing in front of the
+        # scene (the other way to be "absent" for a while) sweeps across it.
+        partial = _partial_share(
+            every,
+            _yuv(d.on_y, d.on_uv).median(0).values,
+            _yuv(d.off_y, d.off_uv).median(0).values,
+        )
+        if partial > MAX_PARTIAL:
+            return self._reject(
+                d,
+                "it changes part by part over time (an occlusion), not all at once",
+                partial=round(partial, 3),
+            )
+        return True
 
     def _fit_still(self, d: _SpotData) -> bool:
         on = np.concatenate([np.stack(d.on_y)[:, None], _upsample_uv(np.stack(d.on_uv))], 1)
@@ -554,17 +580,17 @@ class AutoPlanner:
             canvas = torch.zeros(h, w)
             oy, ox = pl.offset
             canvas[oy : oy + th, ox : ox + tw] = tmpl[: h - oy, : w - ox]
-            for frames_y, frames_uv, on in ((d.on_y, d.on_uv, True), (d.off_y, d.off_uv, False)):
-                if not frames_y:
-                    continue
-                ys = np.stack([yc[cy : cy + h, cx : cx + w] for yc in frames_y])
-                uvs = np.stack(
-                    [uvc[:, cy // 2 : (cy + h) // 2, cx // 2 : (cx + w) // 2] for uvc in frames_uv]
-                )
-                shows = _shows(torch.from_numpy(ys), canvas).numpy()
-                for k in range(len(ys)):
-                    if bool(shows[k]) == on:
-                        groups.setdefault(pl.offset, []).append((si, ys[k], uvs[k], on))
+            # on and off frames under one threshold (see `_explain_still`)
+            frames_y, frames_uv = d.on_y + d.off_y, d.on_uv + d.off_uv
+            ys = np.stack([yc[cy : cy + h, cx : cx + w] for yc in frames_y])
+            uvs = np.stack(
+                [uvc[:, cy // 2 : (cy + h) // 2, cx // 2 : (cx + w) // 2] for uvc in frames_uv]
+            )
+            shows = _shows(torch.from_numpy(ys), canvas).numpy()
+            for k in range(len(ys)):
+                on = k < len(d.on_y)
+                if bool(shows[k]) == on:
+                    groups.setdefault(pl.offset, []).append((si, ys[k], uvs[k], on))
         if not groups:
             for d in members:
                 self._reject(d, "too close to the frame's edge to analyse")
@@ -642,16 +668,30 @@ class AutoPlanner:
         return out
 
     def _ratios(self, region: Region, pl: Placement, views: list[np.ndarray]) -> list[float]:
-        """Edge energy after / before inverting the blend at `pl`, per frame (batched)."""
+        """How much of the mark's pattern is left after inverting the blend at `pl`, per frame.
+
+        |NCC| of the crop's gradients with the matte's, after inverting over
+        before (batched). A mark that is there imprints its matte's edges on
+        the crop and inverting removes them (after ~ 0, before well above);
+        inverting where it is not imprints their negative (after well above,
+        before ~ 0). A ratio of gradient *energies* instead would also count
+        the background's own edges, which inverting brings back amplified: on
+        a textured background a mark that is there was judged absent.
+        """
         a_y, _ = region.alphas(pl.offset)
         crops = np.stack([v[pl.y0 : pl.y0 + region.h, pl.x0 : pl.x0 + region.w] for v in views])
         j = self.r.stager.to_device(crops).float()
         assert region.colour_y is not None
         inv = invert_blend(j[:, None], a_y, region.colour_y)[:, 0]
         support = F.max_pool2d((a_y > 0.02).float()[None, None], 3, 1, 1)[0, 0] > 0
-        e_j = (gradients(j) ** 2).sum(1)[:, support].sum(1)
-        e_i = (gradients(inv) ** 2).sum(1)[:, support].sum(1)
-        return (e_i / e_j.clamp_min(1e-6)).tolist()
+        g_a = gradients(a_y[None])[0][:, support]  # (2, n)
+        n_a = g_a.norm().clamp_min(1e-6)
+
+        def ncc(x: torch.Tensor) -> torch.Tensor:
+            g = gradients(x)[:, :, support]  # (B, 2, n)
+            return (g * g_a).sum((1, 2)).abs() / (g.flatten(1).norm(dim=1) * n_a).clamp_min(1e-6)
+
+        return (ncc(inv) / ncc(j).clamp_min(1e-3)).tolist()
 
     def _extend_run(self, m: AutoMark, si: int, idx: int, score: float) -> None:
         last = next((r for r in reversed(m.runs) if r["spot"] == si), None)
@@ -858,6 +898,34 @@ def _compensated_residual(
     return total / max(count, 1)
 
 
+def _yuv(ys: list[np.ndarray], uvs: list[np.ndarray]) -> torch.Tensor:
+    """(K, 3, h, w) float: the crops' Y and U/V (upsampled) stacked."""
+    both = np.concatenate([np.stack(ys)[:, None], _upsample_uv(np.stack(uvs))], 1)
+    return torch.from_numpy(both).float()
+
+
+def _partial_share(frames: torch.Tensor, on: torch.Tensor, off: torch.Tensor) -> float:
+    """Of the frames (K, 3, h, w) not like `on` (3, h, w), the share not like `off` either.
+
+    Over the pixels where on and off clearly differ, each frame's share of
+    pixels closer to `on`: a blended mark that comes and goes gives about 0
+    or 1 in every frame; an object crossing in front of the scene covers it
+    part by part, so many of the frames that do not show it all show it in
+    part.
+    """
+    diff = (on - off).norm(dim=0)
+    clear = diff > 12
+    if int(clear.sum()) < 12:
+        return 0.0
+    d_on = (frames - on[None]).norm(dim=1)[:, clear]
+    d_off = (frames - off[None]).norm(dim=1)[:, clear]
+    share = (d_on < d_off).float().mean(1)
+    not_on = share < 0.8
+    if not bool(not_on.any()):
+        return 0.0
+    return float((not_on & (share > 0.2)).sum() / not_on.sum())
+
+
 def _highpass(y: torch.Tensor) -> torch.Tensor:
     """(K, h, w) minus its 7x7 local mean: the mark's strokes without the scene's shading."""
     return y - F.avg_pool2d(y[:, None], 7, 1, 3, count_include_pad=False)[:, 0]
@@ -871,12 +939,15 @@ def _shows(y: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     c = hp - hp.mean((1, 2), keepdim=True)
     ncc = (c * pat).sum((1, 2)) / (c.flatten(1).norm(dim=1) * pat.norm()).clamp_min(1e-6)
     # Frames with and without it form two clusters (about 0 and well above):
-    # the threshold sits between the typical high score and zero.
+    # the threshold sits between the typical high score and zero, or the
+    # typical low one when that is clearly above zero (a still scene under
+    # the mark correlates with it by chance the same way in every frame).
     hi = float(torch.quantile(ncc, 0.9))
     lo = float(torch.quantile(ncc, 0.1))
     if -lo > hi:  # a dark mark correlates negatively with a bright template
-        ncc, hi = -ncc, -lo
-    return ncc >= max(0.08, 0.4 * hi)
+        ncc, hi, lo = -ncc, -lo, -hi
+    floor = lo + 0.4 * (hi - lo) if hi - lo > 0.1 else 0.0
+    return ncc >= max(0.08, 0.4 * hi, floor)
 
 
 def _mask_rle(shape: torch.Tensor | None) -> dict[str, Any]:
