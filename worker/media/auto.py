@@ -140,6 +140,10 @@ class AutoPlanner:
         self.candidates = 0
         self.min_ratio: dict[int, float] = {}
 
+    @property
+    def det_moving(self) -> bool:
+        return self.det is not None and self.det.moving
+
     # -- passes -----------------------------------------------------------------
     def plan(self) -> None:
         """Detect candidates, analyse them, keep the ones the blend model explains."""
@@ -294,7 +298,11 @@ class AutoPlanner:
         )
         ring = border_mask(d.h, d.w, 3, a.device)
         noise = float(a[ring].std()) if bool(ring.any()) else 0.0
-        opacity = float(torch.quantile(a[on_mark], 0.99)) if bool(on_mark.any()) else 0.0
+        # The opacity where the matte is well determined: where the mark's colour
+        # is far from the background's (elsewhere `a = d / (W - I)` is noise).
+        sure = on_mark & (wi.norm(dim=0) > 30)
+        sure = sure if int(sure.sum()) >= 12 else on_mark
+        opacity = float(torch.quantile(a[sure], 0.99)) if bool(sure.any()) else 0.0
         d.score = round(explained, 3)
         if explained < MIN_EXPLAINED:
             return self._reject(
@@ -420,11 +428,21 @@ class AutoPlanner:
         """Seed a mark from each confident spot; claim the spots that show its template."""
         claimed: set[int] = set()
         templates = {id(d): self._template_of(d) for d in accepted}
+
         # The largest clean template seeds first (then the spot seen in most
         # frames): a spot whose box caught only part of the mark never does.
+        # Still camera: by the trimmed template (the crop reaches past the box,
+        # so a cut box's whole shape can be as large as the mark's); moving: by
+        # the spot's shape mass (the trimmed template's size lost moving-faint
+        # at 432x240: a box grown over texture outranked the mark).
+        def size(d: _SpotData) -> int:
+            if still:
+                tmpl = templates[id(d)][0]
+                return int((tmpl > 0.2).sum()) if tmpl is not None else 0
+            return int((d.shape > 0.2).sum()) if d.shape is not None else 0
+
         seeds = sorted(
-            (d for d in accepted if templates[id(d)][0] is not None),
-            key=lambda d: -int((d.shape > 0.2).sum()) if d.shape is not None else 0,
+            (d for d in accepted if templates[id(d)][0] is not None), key=lambda d: -size(d)
         )
         found_marks: list[tuple[torch.Tensor, list[tuple[int, int]], list[_SpotData]]] = []
         for seed in seeds:
@@ -530,12 +548,20 @@ class AutoPlanner:
         th, tw = tmpl.shape
         if not d.on_y or d.h < th or d.w < tw:
             return None
-        step = max(1, math.ceil(len(d.on_y) / TEST_FRAMES))
-        crops = _highpass(torch.from_numpy(np.stack(d.on_y[::step])).float())
+        if d.off_y and not self.det_moving:
+            # Still camera: the mark's imprint |median on - median off| = a |W - I|
+            # without the scene's texture, which dilutes the NCC of a whole frame
+            # (0.4 on a lossless clip's grain against 0.6 through H.264).
+            on = torch.from_numpy(np.stack(d.on_y)).float().median(0).values
+            off = torch.from_numpy(np.stack(d.off_y)).float().median(0).values
+            crops, need = _highpass((on - off).abs()[None]), 1
+        else:
+            step = max(1, math.ceil(len(d.on_y) / TEST_FRAMES))
+            crops, need = _highpass(torch.from_numpy(np.stack(d.on_y[::step])).float()), 2
         scores = ncc_map(crops, _highpass(tmpl[None].float())[0])
         best = scores.flatten(1).max(1)
         good = best.values >= level
-        if int(good.sum()) < 2:
+        if int(good.sum()) < need:
             return None
         # the position most of the frames that show it agree on
         oy, ox = divmod(int(torch.mode(best.indices[good]).values), scores.shape[2])
@@ -651,7 +677,7 @@ class AutoPlanner:
         out: list[list[Placement]] = [[] for _ in frames]
         if not self.marks:
             return out
-        views = [vio.plane_views(f)[0] for f in frames]
+        views = [vio.plane_views(f) for f in frames]
         for m in self.marks:
             region = self.r.regions[m.region]
             for si, (sy, sx) in enumerate(m.spots):
@@ -667,31 +693,50 @@ class AutoPlanner:
                         self._extend_run(m, si, idx, 1 - ratio)
         return out
 
-    def _ratios(self, region: Region, pl: Placement, views: list[np.ndarray]) -> list[float]:
+    def _ratios(self, region: Region, pl: Placement, views: list) -> list[float]:
         """How much of the mark's pattern is left after inverting the blend at `pl`, per frame.
 
-        |NCC| of the crop's gradients with the matte's, after inverting over
-        before (batched). A mark that is there imprints its matte's edges on
-        the crop and inverting removes them (after ~ 0, before well above);
-        inverting where it is not imprints their negative (after well above,
-        before ~ 0). A ratio of gradient *energies* instead would also count
-        the background's own edges, which inverting brings back amplified: on
-        a textured background a mark that is there was judged absent.
+        The correlation of the crop's gradients with the matte's, after
+        inverting over before (batched), in Y and U/V together: a mark that is
+        there imprints its matte's edges on the crop and inverting removes them
+        (after ~ 0, before well above); inverting where it is not imprints
+        their negative (after well above, before ~ 0). Each plane counts by its
+        own |covariance| with the matte, so a coloured mark whose luma is close
+        to the scene's is judged mostly on U/V. A ratio of gradient *energies*
+        instead would also count the background's own edges, which inverting
+        brings back amplified: on a textured background a mark that is there
+        was judged absent.
         """
-        a_y, _ = region.alphas(pl.offset)
-        crops = np.stack([v[pl.y0 : pl.y0 + region.h, pl.x0 : pl.x0 + region.w] for v in views])
-        j = self.r.stager.to_device(crops).float()
-        assert region.colour_y is not None
-        inv = invert_blend(j[:, None], a_y, region.colour_y)[:, 0]
-        support = F.max_pool2d((a_y > 0.02).float()[None, None], 3, 1, 1)[0, 0] > 0
-        g_a = gradients(a_y[None])[0][:, support]  # (2, n)
-        n_a = g_a.norm().clamp_min(1e-6)
-
-        def ncc(x: torch.Tensor) -> torch.Tensor:
-            g = gradients(x)[:, :, support]  # (B, 2, n)
-            return (g * g_a).sum((1, 2)).abs() / (g.flatten(1).norm(dim=1) * n_a).clamp_min(1e-6)
-
-        return (ncc(inv) / ncc(j).clamp_min(1e-3)).tolist()
+        a_y, a_uv = region.alphas(pl.offset)
+        assert region.colour_y is not None and region.colour_uv is not None
+        crops = [_crop_planes(v, pl.y0, pl.x0, region.h, region.w) for v in views]
+        y = self.r.stager.to_device(np.stack([c[0] for c in crops])).float()
+        uv = self.r.stager.to_device(np.stack([c[1] for c in crops])).float()
+        planes = [
+            (y, invert_blend(y[:, None], a_y, region.colour_y)[:, 0], a_y),
+            *(
+                (
+                    uv[:, c],
+                    invert_blend(uv[:, c : c + 1], a_uv, region.colour_uv[c : c + 1])[:, 0],
+                    a_uv,
+                )
+                for c in range(2)
+            ),
+        ]
+        before = torch.zeros(len(views), device=y.device)
+        after = torch.zeros_like(before)
+        norm = torch.zeros_like(before)
+        for j, inv, a in planes:
+            support = F.max_pool2d((a > 0.02).float()[None, None], 3, 1, 1)[0, 0] > 0
+            g_a = gradients(a[None])[0][:, support]
+            g_a = g_a / g_a.norm().clamp_min(1e-6)
+            g_j, g_i = gradients(j)[:, :, support], gradients(inv)[:, :, support]
+            before += (g_j * g_a).sum((1, 2)).abs()
+            after += (g_i * g_a).sum((1, 2)).abs()
+            norm += g_j.flatten(1).norm(dim=1) + g_i.flatten(1).norm(dim=1)
+        # |covariances| summed over planes; each side over the same norm, so the
+        # ratio is that of the two correlations
+        return (after / before.clamp_min(1e-3 * norm.clamp_min(1.0))).tolist()
 
     def _extend_run(self, m: AutoMark, si: int, idx: int, score: float) -> None:
         last = next((r for r in reversed(m.runs) if r["spot"] == si), None)
@@ -924,6 +969,13 @@ def _partial_share(frames: torch.Tensor, on: torch.Tensor, off: torch.Tensor) ->
     if not bool(not_on.any()):
         return 0.0
     return float((not_on & (share > 0.2)).sum() / not_on.sum())
+
+
+def _crop_planes(views: list, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (h, w) luma and (2, h/2, w/2) chroma of a crop of yuv420p plane views."""
+    y = views[0][y0 : y0 + h, x0 : x0 + w]
+    uv = np.stack([v[y0 // 2 : (y0 + h) // 2, x0 // 2 : (x0 + w) // 2] for v in views[1:]])
+    return y, uv
 
 
 def _highpass(y: torch.Tensor) -> torch.Tensor:
