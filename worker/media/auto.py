@@ -63,6 +63,8 @@ MIN_EXPLAINED = 0.75
 #: with a panning camera, inverting a mark must cut the motion-compensated
 #: frame difference on it by at least this share
 MIN_MOTION_GAIN = 0.0
+#: ... and each part of its shape kept as the mark must cut it by this share
+MIN_PART_GAIN = 0.15
 #: still camera: of the frames that do not show a candidate whole, at most this
 #: share may show it in part (an object crossing in front of the scene does)
 MAX_PARTIAL = 0.25
@@ -369,31 +371,49 @@ class AutoPlanner:
         if fitted is None:
             return self._reject(d, "no static shape under the moving scene")
         alpha, colour = fitted
-        on_mark = alpha > 0.02
-        opacity = float(torch.quantile(alpha[on_mark], 0.99)) if bool(on_mark.any()) else 0.0
-        if opacity >= MAX_OPACITY:
-            return self._reject(d, "opaque: content, not a blended mark", opacity=round(opacity, 3))
-        if opacity < MIN_OPACITY:
-            return self._reject(d, "too faint to be a mark", opacity=round(opacity, 3))
         y = torch.from_numpy(np.stack(d.on_y)).float()
         inv = invert_blend(y[:, None], alpha, colour[:1])[:, 0]
         pairs = pairs[:: max(1, math.ceil(len(pairs) / TEST_FRAMES))]
-        support = F.max_pool2d(on_mark.float()[None, None], 5, 1, 2)[0, 0] > 0
-        before = _compensated_residual(y, pairs, support)
-        after = _compensated_residual(inv, pairs, support)
-        gain = 1 - after / max(before, 1e-6)
+        before = _compensated_residual_map(y, pairs)
+        after = _compensated_residual_map(inv, pairs)
+        on_mark = alpha > 0.02
+
+        def gain_on(part: torch.Tensor) -> float:
+            support = F.max_pool2d((part & on_mark).float()[None, None], 5, 1, 2)[0, 0] > 0
+            b, a = before[0][support].sum(), after[0][support].sum()
+            return 1 - float(a) / max(float(b), 1e-6)
+
+        # Each part of the shape on its own: the temporal median also keeps
+        # scene structure that slid along itself (a long bright bar in a
+        # horizontal pan) next to the mark, and inverting that part as if it
+        # were a mark would outweigh the gain on the mark itself.
+        near = F.max_pool2d((shape > 0.2).float()[None, None], 5, 1, 2)[0, 0] > 0
+        n_parts, labels = cv2.connectedComponents(near.numpy().astype(np.uint8))
+        keep = torch.zeros_like(near)
+        for i in range(1, n_parts):
+            part = torch.from_numpy(labels == i)
+            if gain_on(part) >= MIN_PART_GAIN:
+                keep |= part
+        gain = gain_on(keep) if bool(keep.any()) else gain_on(near)
         d.score = round(gain, 3)
-        if gain < MIN_MOTION_GAIN:
+        if not bool(keep.any()) or gain < MIN_MOTION_GAIN:
             return self._reject(
                 d,
                 "inverting it does not make the region move with the scene",
                 motion_gain=round(gain, 3),
-                opacity=round(opacity, 3),
             )
-        # The template stays the temporal median's shape: the per-pixel fit on
-        # one spot's few frames is noisier; the mark's matte is fitted again on
-        # the crops of all its spots (`_make_mark`).
-        d.shape, d.opacity = shape, opacity
+        kept = on_mark & keep
+        opacity = float(torch.quantile(alpha[kept], 0.99)) if bool(kept.any()) else 0.0
+        if opacity >= MAX_OPACITY:
+            return self._reject(d, "opaque: content, not a blended mark", opacity=round(opacity, 3))
+        if opacity < MIN_OPACITY:
+            return self._reject(d, "too faint to be a mark", opacity=round(opacity, 3))
+        # The template stays the temporal median's shape (its parts that behave
+        # as a blend): the per-pixel fit on one spot's few frames is noisier;
+        # the mark's matte is fitted again on the crops of all its spots
+        # (`_make_mark`).
+        d.shape = torch.where(keep, shape, torch.zeros_like(shape))
+        d.opacity = opacity
         return True
 
     def _explain_spread(self, d: _SpotData, y: torch.Tensor, shape: torch.Tensor) -> bool:
@@ -923,24 +943,22 @@ def _consecutive(
     ]
 
 
-def _compensated_residual(
-    y: torch.Tensor, pairs: list[tuple[int, int, tuple[float, float]]], support: torch.Tensor
-) -> float:
-    """Mean |y_k - y_{k-1} shifted by the scene's motion| over `support`, away from the edges."""
+def _compensated_residual_map(
+    y: torch.Tensor, pairs: list[tuple[int, int, tuple[float, float]]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel, the sum over `pairs` of |y_k - y_{k-1} shifted by the scene's motion|
+    away from the crop's edges, and how many pairs counted there."""
     h, w = y.shape[1:]
-    total, count = 0.0, 0
+    total, count = torch.zeros(h, w), torch.zeros(h, w)
     for a, b, (dy, dx) in pairs:
         m = np.float32([[1, 0, dx], [0, 1, dy]])
         prev = cv2.warpAffine(y[a].numpy(), m, (w, h), flags=cv2.INTER_LINEAR)
-        inner = support.clone()
+        inner = torch.ones(h, w, dtype=torch.bool)
         my, mx = math.ceil(abs(dy)) + 1, math.ceil(abs(dx)) + 1
         inner[:my], inner[h - my :], inner[:, :mx], inner[:, w - mx :] = False, False, False, False
-        if not bool(inner.any()):
-            continue
-        diff = (y[b] - torch.from_numpy(prev)).abs()[inner]
-        total += float(diff.sum())
-        count += int(inner.sum())
-    return total / max(count, 1)
+        total += torch.where(inner, (y[b] - torch.from_numpy(prev)).abs(), 0.0)
+        count += inner.float()
+    return total, count
 
 
 def _yuv(ys: list[np.ndarray], uvs: list[np.ndarray]) -> torch.Tensor:
