@@ -38,7 +38,15 @@ import torch
 import torch.nn.functional as F
 
 from worker.media import io as vio
-from worker.media.detect import Detection, DetectPass, Spot, find_spots, gradients, overlap
+from worker.media.detect import (
+    Detection,
+    DetectPass,
+    Spot,
+    find_spots,
+    gradients,
+    median0,
+    overlap,
+)
 from worker.media.locate import ncc_map
 from worker.media.matte import border_mask, downsample_alpha, fit_opacity, shape_from_frames
 from worker.media.restore import RestoreOptions, fill_crops, invert_blend
@@ -270,8 +278,8 @@ class AutoPlanner:
         # scene (the other way to be "absent" for a while) sweeps across it.
         partial = _partial_share(
             every,
-            _yuv(d.on_y, d.on_uv).median(0).values,
-            _yuv(d.off_y, d.off_uv).median(0).values,
+            median0(_yuv(d.on_y, d.on_uv)),
+            median0(_yuv(d.off_y, d.off_uv)),
         )
         if partial > MAX_PARTIAL:
             return self._reject(
@@ -284,8 +292,8 @@ class AutoPlanner:
     def _fit_still(self, d: _SpotData) -> bool:
         on = np.concatenate([np.stack(d.on_y)[:, None], _upsample_uv(np.stack(d.on_uv))], 1)
         off = np.concatenate([np.stack(d.off_y)[:, None], _upsample_uv(np.stack(d.off_uv))], 1)
-        j = torch.from_numpy(on).float().median(0).values  # (3, h, w)
-        i_off = torch.from_numpy(off).float().median(0).values
+        j = median0(torch.from_numpy(on).float())  # (3, h, w)
+        i_off = median0(torch.from_numpy(off).float())
         diff = j - i_off
         mag = diff.norm(dim=0)
         strong = mag >= torch.quantile(mag, 0.97)
@@ -334,7 +342,7 @@ class AutoPlanner:
 
     def _explain_moving(self, d: _SpotData) -> bool:
         y = torch.from_numpy(np.stack(d.on_y)).float()[:, None]  # (K, 1, h, w)
-        shape = shape_from_frames(y.median(0).values[None], ring=3)
+        shape = shape_from_frames(median0(y)[None], ring=3)
         if int((shape > 0.2).sum()) < 12:
             return self._reject(d, "no static shape under the moving scene")
         # Frames of its windows that do not show it (it jumped mid-window) would
@@ -344,7 +352,7 @@ class AutoPlanner:
             return self._reject(d, "seen in too few frames to analyse")
         self._keep(d, keep)
         y = y[keep]
-        shape = shape_from_frames(y.median(0).values[None], ring=3)
+        shape = shape_from_frames(median0(y)[None], ring=3)
         if int((shape > 0.2).sum()) < 12:
             return self._reject(d, "no static shape under the moving scene")
         assert self.det is not None
@@ -523,7 +531,7 @@ class AutoPlanner:
             windows.append(ys[_shows(ys, canvas)].float())
         if not windows or sum(len(w) for w in windows) < 8:
             return tmpl, spots
-        pooled = torch.cat(windows).median(0).values
+        pooled = median0(torch.cat(windows))
         new = shape_from_frames(pooled[None, None], ring=3)
         old = torch.zeros_like(new, dtype=torch.bool)
         old[g : g + th, g : g + tw] = tmpl > 0.15
@@ -572,8 +580,8 @@ class AutoPlanner:
             # Still camera: the mark's imprint |median on - median off| = a |W - I|
             # without the scene's texture, which dilutes the NCC of a whole frame
             # (0.4 on a lossless clip's grain against 0.6 through H.264).
-            on = torch.from_numpy(np.stack(d.on_y)).float().median(0).values
-            off = torch.from_numpy(np.stack(d.off_y)).float().median(0).values
+            on = median0(torch.from_numpy(np.stack(d.on_y)).float())
+            off = median0(torch.from_numpy(np.stack(d.off_y)).float())
             crops, need = _highpass((on - off).abs()[None]), 1
         else:
             step = max(1, math.ceil(len(d.on_y) / TEST_FRAMES))
@@ -851,7 +859,7 @@ def _refine_still(items: list, n_spots: int) -> tuple[torch.Tensor, torch.Tensor
         def median(frames: list) -> torch.Tensor:
             y = np.stack([f[0] for f in frames])[:, None]
             uv = _upsample_uv(np.stack([f[1] for f in frames]))
-            return torch.from_numpy(np.concatenate([y, uv], 1)).float().median(0).values
+            return median0(torch.from_numpy(np.concatenate([y, uv], 1)).float())
 
         pairs.append((median(on), median(off)))
     if not pairs:
@@ -998,7 +1006,22 @@ def _crop_planes(views: list, y0: int, x0: int, h: int, w: int) -> tuple[np.ndar
 
 def _highpass(y: torch.Tensor) -> torch.Tensor:
     """(K, h, w) minus its 7x7 local mean: the mark's strokes without the scene's shading."""
-    return y - F.avg_pool2d(y[:, None], 7, 1, 3, count_include_pad=False)[:, 0]
+    if y.device.type != "cpu":
+        return y - F.avg_pool2d(y[:, None], 7, 1, 3, count_include_pad=False)[:, 0]
+    # The same local mean by OpenCV's box filter (sums over the window's part
+    # inside the crop, divided by its size): ~10x faster than avg_pool2d on the CPU.
+    h, w = y.shape[1:]
+    count = cv2.boxFilter(
+        np.ones((h, w), np.float32), -1, (7, 7), normalize=False, borderType=cv2.BORDER_CONSTANT
+    )
+    arr = y.contiguous().numpy()
+    mean = np.stack(
+        [
+            cv2.boxFilter(a, -1, (7, 7), normalize=False, borderType=cv2.BORDER_CONSTANT) / count
+            for a in arr
+        ]
+    )
+    return y - torch.from_numpy(mean)
 
 
 def _shows(y: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
