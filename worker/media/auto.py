@@ -86,6 +86,10 @@ PART_NCC = 0.4
 GROW = 10
 #: two candidates are one mark when their shapes correlate this well
 SAME_MARK_NCC = 0.6
+#: moving scene: a template below SAME_MARK_NCC still matches a spot when this many
+#: sampled frames score at least AGREE_NCC at the same pixel (within 1 px)
+AGREE_NCC = 0.35
+AGREE_FRAMES = 4
 #: per frame: the mark is present when inverting leaves at most this share of the
 #: edge energy under it (entering) / keeps it present below the second (staying)
 ENTER_RATIO = 0.92
@@ -589,6 +593,19 @@ class AutoPlanner:
         scores = ncc_map(crops, _highpass(tmpl[None].float())[0])
         best = scores.flatten(1).max(1)
         good = best.values >= level
+        if int(good.sum()) < need and self.det_moving:
+            # A faint mark over a busy moving scene scores below `level`, but the
+            # scene's texture matches the template at a different place in
+            # every frame while the mark stays put: frames whose best match
+            # falls on the same pixel (within 1 px) are evidence too.
+            fair = best.values >= AGREE_NCC
+            if int(fair.sum()) >= AGREE_FRAMES:
+                ys = torch.div(best.indices, scores.shape[2], rounding_mode="floor")
+                xs = best.indices % scores.shape[2]
+                my, mx = int(torch.mode(ys[fair]).values), int(torch.mode(xs[fair]).values)
+                agree = fair & ((ys - my).abs() <= 1) & ((xs - mx).abs() <= 1)
+                if int(agree.sum()) >= AGREE_FRAMES:
+                    good = agree
         if int(good.sum()) < need:
             return None
         # the position most of the frames that show it agree on
