@@ -84,6 +84,8 @@ MIN_MARK_PIXELS = 64
 PART_NCC = 0.4
 #: the template is looked for again this many pixels around it (`_pool_shape`)
 GROW = 10
+#: ... and the grown template may hold at most this many times the pixels it had
+MAX_GROWTH = 2.0
 #: two candidates are one mark when their shapes correlate this well
 SAME_MARK_NCC = 0.6
 #: moving scene: a template below SAME_MARK_NCC still matches a spot when this many
@@ -529,10 +531,17 @@ class AutoPlanner:
             cy, cx = sy - g - d.y0, sx - g - d.x0
             if cy < 0 or cx < 0 or cy + th + 2 * g > d.h or cx + tw + 2 * g > d.w:
                 continue
-            ys = torch.from_numpy(np.stack(d.on_y)[:, cy : cy + th + 2 * g, cx : cx + tw + 2 * g])
+            windows.append(
+                torch.from_numpy(np.stack(d.on_y)[:, cy : cy + th + 2 * g, cx : cx + tw + 2 * g])
+            )
+        if windows:
+            # One threshold over every spot's frames: a spot whose frames seldom
+            # show the mark (a faint mark over busy texture) would otherwise
+            # have its best-looking junk frames called "showing".
             canvas = torch.zeros(th + 2 * g, tw + 2 * g)
             canvas[g : g + th, g : g + tw] = tmpl
-            windows.append(ys[_shows(ys, canvas)].float())
+            every = torch.cat(windows)
+            windows = [every[_shows(every, canvas)].float()]
         if not windows or sum(len(w) for w in windows) < 8:
             return tmpl, spots
         pooled = median0(torch.cat(windows))
@@ -549,6 +558,9 @@ class AutoPlanner:
         ys_, xs_ = torch.nonzero(new > 0.02, as_tuple=True)
         ty0, tx0 = int(ys_.min()), int(xs_.min())
         out = new[ty0 : int(ys_.max()) + 1, tx0 : int(xs_.max()) + 1].contiguous()
+        if int((out > 0.2).sum()) > MAX_GROWTH * int((tmpl > 0.2).sum()):
+            # grown far past the part the boxes found: background came with it
+            return tmpl, spots
         return out, [(sy - g + ty0, sx - g + tx0) for sy, sx in spots]
 
     def _template_of(self, d: _SpotData) -> tuple[torch.Tensor | None, tuple[int, int]]:
@@ -606,6 +618,18 @@ class AutoPlanner:
                 agree = fair & ((ys - my).abs() <= 1) & ((xs - mx).abs() <= 1)
                 if int(agree.sum()) >= AGREE_FRAMES:
                     good = agree
+        if int(good.sum()) < need and self.det_moving and len(d.on_idx) == len(d.on_y):
+            # Over a very busy background (texture several times the mark's
+            # contrast) even that fails; within a detection window the mark
+            # stays while the scene moves, so the mean of the window's
+            # high-passed frames keeps it and averages the texture down.
+            hp = _highpass(torch.from_numpy(np.stack(d.on_y)).float())
+            cuts = [0] + [k for k in range(1, len(d.on_idx)) if d.on_idx[k] != d.on_idx[k - 1] + 1]
+            groups = [hp[a:b].mean(0) for a, b in zip(cuts, [*cuts[1:], len(hp)], strict=True)]
+            scores = ncc_map(torch.stack(groups), _highpass(tmpl[None].float())[0])
+            best = scores.flatten(1).max(1)
+            good = best.values >= level
+            need = 1
         if int(good.sum()) < need:
             return None
         # the position most of the frames that show it agree on
