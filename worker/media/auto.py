@@ -38,7 +38,15 @@ import torch
 import torch.nn.functional as F
 
 from worker.media import io as vio
-from worker.media.detect import Detection, DetectPass, Spot, find_spots, gradients, overlap
+from worker.media.detect import (
+    Detection,
+    DetectPass,
+    Spot,
+    find_spots,
+    gradients,
+    median0,
+    overlap,
+)
 from worker.media.locate import ncc_map
 from worker.media.matte import border_mask, downsample_alpha, fit_opacity, shape_from_frames
 from worker.media.restore import RestoreOptions, fill_crops, invert_blend
@@ -50,7 +58,7 @@ if TYPE_CHECKING:
 SPOT_SAMPLES = 96
 #: ... and frames without it (still camera: the reference it is blended on)
 OFF_SAMPLES = 32
-#: extra pixels around a detected box in the analysis crops
+#: extra pixels around a detected box in the analysis crops (at least; see `_spot_data`)
 PAD = 24
 #: frames the blend test of one candidate fits on, and the joint matte of a mark
 TEST_FRAMES = 24
@@ -63,6 +71,11 @@ MIN_EXPLAINED = 0.75
 #: with a panning camera, inverting a mark must cut the motion-compensated
 #: frame difference on it by at least this share
 MIN_MOTION_GAIN = 0.0
+#: ... and each part of its shape kept as the mark must cut it by this share
+MIN_PART_GAIN = 0.15
+#: still camera: of the frames that do not show a candidate whole, at most this
+#: share may show it in part (an object crossing in front of the scene does)
+MAX_PARTIAL = 0.25
 #: a template needs this many clear pixels (shape > 0.2) to be looked for elsewhere:
 #: a fragment of a few strokes matches texture anywhere
 MIN_MARK_PIXELS = 64
@@ -71,8 +84,14 @@ MIN_MARK_PIXELS = 64
 PART_NCC = 0.4
 #: the template is looked for again this many pixels around it (`_pool_shape`)
 GROW = 10
+#: ... and the grown template may hold at most this many times the pixels it had
+MAX_GROWTH = 2.0
 #: two candidates are one mark when their shapes correlate this well
 SAME_MARK_NCC = 0.6
+#: moving scene: a template below SAME_MARK_NCC still matches a spot when this many
+#: sampled frames score at least AGREE_NCC at the same pixel (within 1 px)
+AGREE_NCC = 0.35
+AGREE_FRAMES = 4
 #: per frame: the mark is present when inverting leaves at most this share of the
 #: edge energy under it (entering) / keeps it present below the second (staying)
 ENTER_RATIO = 0.92
@@ -137,6 +156,10 @@ class AutoPlanner:
         self.candidates = 0
         self.min_ratio: dict[int, float] = {}
 
+    @property
+    def det_moving(self) -> bool:
+        return self.det is not None and self.det.moving
+
     # -- passes -----------------------------------------------------------------
     def plan(self) -> None:
         """Detect candidates, analyse them, keep the ones the blend model explains."""
@@ -189,9 +212,13 @@ class AutoPlanner:
 
     def _spot_data(self, s: Spot, det: Detection) -> _SpotData:
         fh, fw = self.r.info.height, self.r.info.width
-        y0, x0 = _even_floor(max(s.y - PAD, 0)), _even_floor(max(s.x - PAD, 0))
-        h = _even_floor(min(s.y + s.h + PAD, fh) - y0)
-        w = _even_floor(min(s.x + s.w + PAD, fw) - x0)
+        # A box may have cut the mark (part of it over a busy background): the
+        # crop reaches half the box's size beyond it, so the whole mark found
+        # elsewhere can still be looked for here.
+        py, px = max(PAD, s.h // 2), max(PAD, s.w // 2)
+        y0, x0 = _even_floor(max(s.y - py, 0)), _even_floor(max(s.x - px, 0))
+        h = _even_floor(min(s.y + s.h + py, fh) - y0)
+        w = _even_floor(min(s.x + s.w + px, fw) - x0)
         seen = s.windows if det.moving else s.strong
         on = [i for wi in sorted(seen) for i in _window_frames(det, wi)]
         off: list[int] = []
@@ -239,21 +266,40 @@ class AutoPlanner:
             return False
         # Drop on-frames that do not show it and off-frames that do, then fit again.
         assert d.shape is not None
-        keep_on = _shows(torch.from_numpy(np.stack(d.on_y)), d.shape)
-        shows_off = _shows(torch.from_numpy(np.stack(d.off_y)), d.shape)
+        # One threshold for on and off frames together: under a still camera the
+        # off frames are all alike, and a threshold drawn from them alone splits
+        # their one cluster (every off frame then "shows" the mark).
+        every = _yuv(d.on_y + d.off_y, d.on_uv + d.off_uv)
+        shows = _shows(torch.from_numpy(np.stack(d.on_y + d.off_y)), d.shape)
+        keep_on, shows_off = shows[: len(d.on_y)], shows[len(d.on_y) :]
         if int(keep_on.sum()) < 3:
             return self._reject(d, "seen in too few frames to analyse")
         self._keep(d, keep_on)
         if bool(shows_off.all()):
             return self._reject(d, "still camera and never absent: cannot be told from the scene")
         self._keep(d, ~shows_off, on=False)
-        return self._fit_still(d)
+        if not self._fit_still(d):
+            return False
+        # A mark comes and goes all at once; something passing in front of the
+        # scene (the other way to be "absent" for a while) sweeps across it.
+        partial = _partial_share(
+            every,
+            median0(_yuv(d.on_y, d.on_uv)),
+            median0(_yuv(d.off_y, d.off_uv)),
+        )
+        if partial > MAX_PARTIAL:
+            return self._reject(
+                d,
+                "it changes part by part over time (an occlusion), not all at once",
+                partial=round(partial, 3),
+            )
+        return True
 
     def _fit_still(self, d: _SpotData) -> bool:
         on = np.concatenate([np.stack(d.on_y)[:, None], _upsample_uv(np.stack(d.on_uv))], 1)
         off = np.concatenate([np.stack(d.off_y)[:, None], _upsample_uv(np.stack(d.off_uv))], 1)
-        j = torch.from_numpy(on).float().median(0).values  # (3, h, w)
-        i_off = torch.from_numpy(off).float().median(0).values
+        j = median0(torch.from_numpy(on).float())  # (3, h, w)
+        i_off = median0(torch.from_numpy(off).float())
         diff = j - i_off
         mag = diff.norm(dim=0)
         strong = mag >= torch.quantile(mag, 0.97)
@@ -268,7 +314,11 @@ class AutoPlanner:
         )
         ring = border_mask(d.h, d.w, 3, a.device)
         noise = float(a[ring].std()) if bool(ring.any()) else 0.0
-        opacity = float(torch.quantile(a[on_mark], 0.99)) if bool(on_mark.any()) else 0.0
+        # The opacity where the matte is well determined: where the mark's colour
+        # is far from the background's (elsewhere `a = d / (W - I)` is noise).
+        sure = on_mark & (wi.norm(dim=0) > 30)
+        sure = sure if int(sure.sum()) >= 12 else on_mark
+        opacity = float(torch.quantile(a[sure], 0.99)) if bool(sure.any()) else 0.0
         d.score = round(explained, 3)
         if explained < MIN_EXPLAINED:
             return self._reject(
@@ -298,7 +348,7 @@ class AutoPlanner:
 
     def _explain_moving(self, d: _SpotData) -> bool:
         y = torch.from_numpy(np.stack(d.on_y)).float()[:, None]  # (K, 1, h, w)
-        shape = shape_from_frames(y.median(0).values[None], ring=3)
+        shape = shape_from_frames(median0(y)[None], ring=3)
         if int((shape > 0.2).sum()) < 12:
             return self._reject(d, "no static shape under the moving scene")
         # Frames of its windows that do not show it (it jumped mid-window) would
@@ -308,7 +358,7 @@ class AutoPlanner:
             return self._reject(d, "seen in too few frames to analyse")
         self._keep(d, keep)
         y = y[keep]
-        shape = shape_from_frames(y.median(0).values[None], ring=3)
+        shape = shape_from_frames(median0(y)[None], ring=3)
         if int((shape > 0.2).sum()) < 12:
             return self._reject(d, "no static shape under the moving scene")
         assert self.det is not None
@@ -335,31 +385,49 @@ class AutoPlanner:
         if fitted is None:
             return self._reject(d, "no static shape under the moving scene")
         alpha, colour = fitted
-        on_mark = alpha > 0.02
-        opacity = float(torch.quantile(alpha[on_mark], 0.99)) if bool(on_mark.any()) else 0.0
-        if opacity >= MAX_OPACITY:
-            return self._reject(d, "opaque: content, not a blended mark", opacity=round(opacity, 3))
-        if opacity < MIN_OPACITY:
-            return self._reject(d, "too faint to be a mark", opacity=round(opacity, 3))
         y = torch.from_numpy(np.stack(d.on_y)).float()
         inv = invert_blend(y[:, None], alpha, colour[:1])[:, 0]
         pairs = pairs[:: max(1, math.ceil(len(pairs) / TEST_FRAMES))]
-        support = F.max_pool2d(on_mark.float()[None, None], 5, 1, 2)[0, 0] > 0
-        before = _compensated_residual(y, pairs, support)
-        after = _compensated_residual(inv, pairs, support)
-        gain = 1 - after / max(before, 1e-6)
+        before = _compensated_residual_map(y, pairs)
+        after = _compensated_residual_map(inv, pairs)
+        on_mark = alpha > 0.02
+
+        def gain_on(part: torch.Tensor) -> float:
+            support = F.max_pool2d((part & on_mark).float()[None, None], 5, 1, 2)[0, 0] > 0
+            b, a = before[0][support].sum(), after[0][support].sum()
+            return 1 - float(a) / max(float(b), 1e-6)
+
+        # Each part of the shape on its own: the temporal median also keeps
+        # scene structure that slid along itself (a long bright bar in a
+        # horizontal pan) next to the mark, and inverting that part as if it
+        # were a mark would outweigh the gain on the mark itself.
+        near = F.max_pool2d((shape > 0.2).float()[None, None], 5, 1, 2)[0, 0] > 0
+        n_parts, labels = cv2.connectedComponents(near.numpy().astype(np.uint8))
+        keep = torch.zeros_like(near)
+        for i in range(1, n_parts):
+            part = torch.from_numpy(labels == i)
+            if gain_on(part) >= MIN_PART_GAIN:
+                keep |= part
+        gain = gain_on(keep) if bool(keep.any()) else gain_on(near)
         d.score = round(gain, 3)
-        if gain < MIN_MOTION_GAIN:
+        if not bool(keep.any()) or gain < MIN_MOTION_GAIN:
             return self._reject(
                 d,
                 "inverting it does not make the region move with the scene",
                 motion_gain=round(gain, 3),
-                opacity=round(opacity, 3),
             )
-        # The template stays the temporal median's shape: the per-pixel fit on
-        # one spot's few frames is noisier; the mark's matte is fitted again on
-        # the crops of all its spots (`_make_mark`).
-        d.shape, d.opacity = shape, opacity
+        kept = on_mark & keep
+        opacity = float(torch.quantile(alpha[kept], 0.99)) if bool(kept.any()) else 0.0
+        if opacity >= MAX_OPACITY:
+            return self._reject(d, "opaque: content, not a blended mark", opacity=round(opacity, 3))
+        if opacity < MIN_OPACITY:
+            return self._reject(d, "too faint to be a mark", opacity=round(opacity, 3))
+        # The template stays the temporal median's shape (its parts that behave
+        # as a blend): the per-pixel fit on one spot's few frames is noisier;
+        # the mark's matte is fitted again on the crops of all its spots
+        # (`_make_mark`).
+        d.shape = torch.where(keep, shape, torch.zeros_like(shape))
+        d.opacity = opacity
         return True
 
     def _explain_spread(self, d: _SpotData, y: torch.Tensor, shape: torch.Tensor) -> bool:
@@ -394,11 +462,21 @@ class AutoPlanner:
         """Seed a mark from each confident spot; claim the spots that show its template."""
         claimed: set[int] = set()
         templates = {id(d): self._template_of(d) for d in accepted}
+
         # The largest clean template seeds first (then the spot seen in most
         # frames): a spot whose box caught only part of the mark never does.
+        # Still camera: by the trimmed template (the crop reaches past the box,
+        # so a cut box's whole shape can be as large as the mark's); moving: by
+        # the spot's shape mass (the trimmed template's size lost moving-faint
+        # at 432x240: a box grown over texture outranked the mark).
+        def size(d: _SpotData) -> int:
+            if still:
+                tmpl = templates[id(d)][0]
+                return int((tmpl > 0.2).sum()) if tmpl is not None else 0
+            return int((d.shape > 0.2).sum()) if d.shape is not None else 0
+
         seeds = sorted(
-            (d for d in accepted if templates[id(d)][0] is not None),
-            key=lambda d: -int((d.shape > 0.2).sum()) if d.shape is not None else 0,
+            (d for d in accepted if templates[id(d)][0] is not None), key=lambda d: -size(d)
         )
         found_marks: list[tuple[torch.Tensor, list[tuple[int, int]], list[_SpotData]]] = []
         for seed in seeds:
@@ -453,13 +531,20 @@ class AutoPlanner:
             cy, cx = sy - g - d.y0, sx - g - d.x0
             if cy < 0 or cx < 0 or cy + th + 2 * g > d.h or cx + tw + 2 * g > d.w:
                 continue
-            ys = torch.from_numpy(np.stack(d.on_y)[:, cy : cy + th + 2 * g, cx : cx + tw + 2 * g])
+            windows.append(
+                torch.from_numpy(np.stack(d.on_y)[:, cy : cy + th + 2 * g, cx : cx + tw + 2 * g])
+            )
+        if windows:
+            # One threshold over every spot's frames: a spot whose frames seldom
+            # show the mark (a faint mark over busy texture) would otherwise
+            # have its best-looking junk frames called "showing".
             canvas = torch.zeros(th + 2 * g, tw + 2 * g)
             canvas[g : g + th, g : g + tw] = tmpl
-            windows.append(ys[_shows(ys, canvas)].float())
+            every = torch.cat(windows)
+            windows = [every[_shows(every, canvas)].float()]
         if not windows or sum(len(w) for w in windows) < 8:
             return tmpl, spots
-        pooled = torch.cat(windows).median(0).values
+        pooled = median0(torch.cat(windows))
         new = shape_from_frames(pooled[None, None], ring=3)
         old = torch.zeros_like(new, dtype=torch.bool)
         old[g : g + th, g : g + tw] = tmpl > 0.15
@@ -473,6 +558,9 @@ class AutoPlanner:
         ys_, xs_ = torch.nonzero(new > 0.02, as_tuple=True)
         ty0, tx0 = int(ys_.min()), int(xs_.min())
         out = new[ty0 : int(ys_.max()) + 1, tx0 : int(xs_.max()) + 1].contiguous()
+        if int((out > 0.2).sum()) > MAX_GROWTH * int((tmpl > 0.2).sum()):
+            # grown far past the part the boxes found: background came with it
+            return tmpl, spots
         return out, [(sy - g + ty0, sx - g + tx0) for sy, sx in spots]
 
     def _template_of(self, d: _SpotData) -> tuple[torch.Tensor | None, tuple[int, int]]:
@@ -504,12 +592,45 @@ class AutoPlanner:
         th, tw = tmpl.shape
         if not d.on_y or d.h < th or d.w < tw:
             return None
-        step = max(1, math.ceil(len(d.on_y) / TEST_FRAMES))
-        crops = _highpass(torch.from_numpy(np.stack(d.on_y[::step])).float())
+        if d.off_y and not self.det_moving:
+            # Still camera: the mark's imprint |median on - median off| = a |W - I|
+            # without the scene's texture, which dilutes the NCC of a whole frame
+            # (0.4 on a lossless clip's grain against 0.6 through H.264).
+            on = median0(torch.from_numpy(np.stack(d.on_y)).float())
+            off = median0(torch.from_numpy(np.stack(d.off_y)).float())
+            crops, need = _highpass((on - off).abs()[None]), 1
+        else:
+            step = max(1, math.ceil(len(d.on_y) / TEST_FRAMES))
+            crops, need = _highpass(torch.from_numpy(np.stack(d.on_y[::step])).float()), 2
         scores = ncc_map(crops, _highpass(tmpl[None].float())[0])
         best = scores.flatten(1).max(1)
         good = best.values >= level
-        if int(good.sum()) < 2:
+        if int(good.sum()) < need and self.det_moving:
+            # A faint mark over a busy moving scene scores below `level`, but the
+            # scene's texture matches the template at a different place in
+            # every frame while the mark stays put: frames whose best match
+            # falls on the same pixel (within 1 px) are evidence too.
+            fair = best.values >= AGREE_NCC
+            if int(fair.sum()) >= AGREE_FRAMES:
+                ys = torch.div(best.indices, scores.shape[2], rounding_mode="floor")
+                xs = best.indices % scores.shape[2]
+                my, mx = int(torch.mode(ys[fair]).values), int(torch.mode(xs[fair]).values)
+                agree = fair & ((ys - my).abs() <= 1) & ((xs - mx).abs() <= 1)
+                if int(agree.sum()) >= AGREE_FRAMES:
+                    good = agree
+        if int(good.sum()) < need and self.det_moving and len(d.on_idx) == len(d.on_y):
+            # Over a very busy background (texture several times the mark's
+            # contrast) even that fails; within a detection window the mark
+            # stays while the scene moves, so the mean of the window's
+            # high-passed frames keeps it and averages the texture down.
+            hp = _highpass(torch.from_numpy(np.stack(d.on_y)).float())
+            cuts = [0] + [k for k in range(1, len(d.on_idx)) if d.on_idx[k] != d.on_idx[k - 1] + 1]
+            groups = [hp[a:b].mean(0) for a, b in zip(cuts, [*cuts[1:], len(hp)], strict=True)]
+            scores = ncc_map(torch.stack(groups), _highpass(tmpl[None].float())[0])
+            best = scores.flatten(1).max(1)
+            good = best.values >= level
+            need = 1
+        if int(good.sum()) < need:
             return None
         # the position most of the frames that show it agree on
         oy, ox = divmod(int(torch.mode(best.indices[good]).values), scores.shape[2])
@@ -554,17 +675,17 @@ class AutoPlanner:
             canvas = torch.zeros(h, w)
             oy, ox = pl.offset
             canvas[oy : oy + th, ox : ox + tw] = tmpl[: h - oy, : w - ox]
-            for frames_y, frames_uv, on in ((d.on_y, d.on_uv, True), (d.off_y, d.off_uv, False)):
-                if not frames_y:
-                    continue
-                ys = np.stack([yc[cy : cy + h, cx : cx + w] for yc in frames_y])
-                uvs = np.stack(
-                    [uvc[:, cy // 2 : (cy + h) // 2, cx // 2 : (cx + w) // 2] for uvc in frames_uv]
-                )
-                shows = _shows(torch.from_numpy(ys), canvas).numpy()
-                for k in range(len(ys)):
-                    if bool(shows[k]) == on:
-                        groups.setdefault(pl.offset, []).append((si, ys[k], uvs[k], on))
+            # on and off frames under one threshold (see `_explain_still`)
+            frames_y, frames_uv = d.on_y + d.off_y, d.on_uv + d.off_uv
+            ys = np.stack([yc[cy : cy + h, cx : cx + w] for yc in frames_y])
+            uvs = np.stack(
+                [uvc[:, cy // 2 : (cy + h) // 2, cx // 2 : (cx + w) // 2] for uvc in frames_uv]
+            )
+            shows = _shows(torch.from_numpy(ys), canvas).numpy()
+            for k in range(len(ys)):
+                on = k < len(d.on_y)
+                if bool(shows[k]) == on:
+                    groups.setdefault(pl.offset, []).append((si, ys[k], uvs[k], on))
         if not groups:
             for d in members:
                 self._reject(d, "too close to the frame's edge to analyse")
@@ -625,7 +746,7 @@ class AutoPlanner:
         out: list[list[Placement]] = [[] for _ in frames]
         if not self.marks:
             return out
-        views = [vio.plane_views(f)[0] for f in frames]
+        views = [vio.plane_views(f) for f in frames]
         for m in self.marks:
             region = self.r.regions[m.region]
             for si, (sy, sx) in enumerate(m.spots):
@@ -641,17 +762,50 @@ class AutoPlanner:
                         self._extend_run(m, si, idx, 1 - ratio)
         return out
 
-    def _ratios(self, region: Region, pl: Placement, views: list[np.ndarray]) -> list[float]:
-        """Edge energy after / before inverting the blend at `pl`, per frame (batched)."""
-        a_y, _ = region.alphas(pl.offset)
-        crops = np.stack([v[pl.y0 : pl.y0 + region.h, pl.x0 : pl.x0 + region.w] for v in views])
-        j = self.r.stager.to_device(crops).float()
-        assert region.colour_y is not None
-        inv = invert_blend(j[:, None], a_y, region.colour_y)[:, 0]
-        support = F.max_pool2d((a_y > 0.02).float()[None, None], 3, 1, 1)[0, 0] > 0
-        e_j = (gradients(j) ** 2).sum(1)[:, support].sum(1)
-        e_i = (gradients(inv) ** 2).sum(1)[:, support].sum(1)
-        return (e_i / e_j.clamp_min(1e-6)).tolist()
+    def _ratios(self, region: Region, pl: Placement, views: list) -> list[float]:
+        """How much of the mark's pattern is left after inverting the blend at `pl`, per frame.
+
+        The correlation of the crop's gradients with the matte's, after
+        inverting over before (batched), in Y and U/V together: a mark that is
+        there imprints its matte's edges on the crop and inverting removes them
+        (after ~ 0, before well above); inverting where it is not imprints
+        their negative (after well above, before ~ 0). Each plane counts by its
+        own |covariance| with the matte, so a coloured mark whose luma is close
+        to the scene's is judged mostly on U/V. A ratio of gradient *energies*
+        instead would also count the background's own edges, which inverting
+        brings back amplified: on a textured background a mark that is there
+        was judged absent.
+        """
+        a_y, a_uv = region.alphas(pl.offset)
+        assert region.colour_y is not None and region.colour_uv is not None
+        crops = [_crop_planes(v, pl.y0, pl.x0, region.h, region.w) for v in views]
+        y = self.r.stager.to_device(np.stack([c[0] for c in crops])).float()
+        uv = self.r.stager.to_device(np.stack([c[1] for c in crops])).float()
+        planes = [
+            (y, invert_blend(y[:, None], a_y, region.colour_y)[:, 0], a_y),
+            *(
+                (
+                    uv[:, c],
+                    invert_blend(uv[:, c : c + 1], a_uv, region.colour_uv[c : c + 1])[:, 0],
+                    a_uv,
+                )
+                for c in range(2)
+            ),
+        ]
+        before = torch.zeros(len(views), device=y.device)
+        after = torch.zeros_like(before)
+        norm = torch.zeros_like(before)
+        for j, inv, a in planes:
+            support = F.max_pool2d((a > 0.02).float()[None, None], 3, 1, 1)[0, 0] > 0
+            g_a = gradients(a[None])[0][:, support]
+            g_a = g_a / g_a.norm().clamp_min(1e-6)
+            g_j, g_i = gradients(j)[:, :, support], gradients(inv)[:, :, support]
+            before += (g_j * g_a).sum((1, 2)).abs()
+            after += (g_i * g_a).sum((1, 2)).abs()
+            norm += g_j.flatten(1).norm(dim=1) + g_i.flatten(1).norm(dim=1)
+        # |covariances| summed over planes; each side over the same norm, so the
+        # ratio is that of the two correlations
+        return (after / before.clamp_min(1e-3 * norm.clamp_min(1.0))).tolist()
 
     def _extend_run(self, m: AutoMark, si: int, idx: int, score: float) -> None:
         last = next((r for r in reversed(m.runs) if r["spot"] == si), None)
@@ -746,7 +900,7 @@ def _refine_still(items: list, n_spots: int) -> tuple[torch.Tensor, torch.Tensor
         def median(frames: list) -> torch.Tensor:
             y = np.stack([f[0] for f in frames])[:, None]
             uv = _upsample_uv(np.stack([f[1] for f in frames]))
-            return torch.from_numpy(np.concatenate([y, uv], 1)).float().median(0).values
+            return median0(torch.from_numpy(np.concatenate([y, uv], 1)).float())
 
         pairs.append((median(on), median(off)))
     if not pairs:
@@ -838,29 +992,77 @@ def _consecutive(
     ]
 
 
-def _compensated_residual(
-    y: torch.Tensor, pairs: list[tuple[int, int, tuple[float, float]]], support: torch.Tensor
-) -> float:
-    """Mean |y_k - y_{k-1} shifted by the scene's motion| over `support`, away from the edges."""
+def _compensated_residual_map(
+    y: torch.Tensor, pairs: list[tuple[int, int, tuple[float, float]]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel, the sum over `pairs` of |y_k - y_{k-1} shifted by the scene's motion|
+    away from the crop's edges, and how many pairs counted there."""
     h, w = y.shape[1:]
-    total, count = 0.0, 0
+    total, count = torch.zeros(h, w), torch.zeros(h, w)
     for a, b, (dy, dx) in pairs:
         m = np.float32([[1, 0, dx], [0, 1, dy]])
         prev = cv2.warpAffine(y[a].numpy(), m, (w, h), flags=cv2.INTER_LINEAR)
-        inner = support.clone()
+        inner = torch.ones(h, w, dtype=torch.bool)
         my, mx = math.ceil(abs(dy)) + 1, math.ceil(abs(dx)) + 1
         inner[:my], inner[h - my :], inner[:, :mx], inner[:, w - mx :] = False, False, False, False
-        if not bool(inner.any()):
-            continue
-        diff = (y[b] - torch.from_numpy(prev)).abs()[inner]
-        total += float(diff.sum())
-        count += int(inner.sum())
-    return total / max(count, 1)
+        total += torch.where(inner, (y[b] - torch.from_numpy(prev)).abs(), 0.0)
+        count += inner.float()
+    return total, count
+
+
+def _yuv(ys: list[np.ndarray], uvs: list[np.ndarray]) -> torch.Tensor:
+    """(K, 3, h, w) float: the crops' Y and U/V (upsampled) stacked."""
+    both = np.concatenate([np.stack(ys)[:, None], _upsample_uv(np.stack(uvs))], 1)
+    return torch.from_numpy(both).float()
+
+
+def _partial_share(frames: torch.Tensor, on: torch.Tensor, off: torch.Tensor) -> float:
+    """Of the frames (K, 3, h, w) not like `on` (3, h, w), the share not like `off` either.
+
+    Over the pixels where on and off clearly differ, each frame's share of
+    pixels closer to `on`: a blended mark that comes and goes gives about 0
+    or 1 in every frame; an object crossing in front of the scene covers it
+    part by part, so many of the frames that do not show it all show it in
+    part.
+    """
+    diff = (on - off).norm(dim=0)
+    clear = diff > 12
+    if int(clear.sum()) < 12:
+        return 0.0
+    d_on = (frames - on[None]).norm(dim=1)[:, clear]
+    d_off = (frames - off[None]).norm(dim=1)[:, clear]
+    share = (d_on < d_off).float().mean(1)
+    not_on = share < 0.8
+    if not bool(not_on.any()):
+        return 0.0
+    return float((not_on & (share > 0.2)).sum() / not_on.sum())
+
+
+def _crop_planes(views: list, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (h, w) luma and (2, h/2, w/2) chroma of a crop of yuv420p plane views."""
+    y = views[0][y0 : y0 + h, x0 : x0 + w]
+    uv = np.stack([v[y0 // 2 : (y0 + h) // 2, x0 // 2 : (x0 + w) // 2] for v in views[1:]])
+    return y, uv
 
 
 def _highpass(y: torch.Tensor) -> torch.Tensor:
     """(K, h, w) minus its 7x7 local mean: the mark's strokes without the scene's shading."""
-    return y - F.avg_pool2d(y[:, None], 7, 1, 3, count_include_pad=False)[:, 0]
+    if y.device.type != "cpu":
+        return y - F.avg_pool2d(y[:, None], 7, 1, 3, count_include_pad=False)[:, 0]
+    # The same local mean by OpenCV's box filter (sums over the window's part
+    # inside the crop, divided by its size): ~10x faster than avg_pool2d on the CPU.
+    h, w = y.shape[1:]
+    count = cv2.boxFilter(
+        np.ones((h, w), np.float32), -1, (7, 7), normalize=False, borderType=cv2.BORDER_CONSTANT
+    )
+    arr = y.contiguous().numpy()
+    mean = np.stack(
+        [
+            cv2.boxFilter(a, -1, (7, 7), normalize=False, borderType=cv2.BORDER_CONSTANT) / count
+            for a in arr
+        ]
+    )
+    return y - torch.from_numpy(mean)
 
 
 def _shows(y: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
@@ -871,12 +1073,15 @@ def _shows(y: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     c = hp - hp.mean((1, 2), keepdim=True)
     ncc = (c * pat).sum((1, 2)) / (c.flatten(1).norm(dim=1) * pat.norm()).clamp_min(1e-6)
     # Frames with and without it form two clusters (about 0 and well above):
-    # the threshold sits between the typical high score and zero.
+    # the threshold sits between the typical high score and zero, or the
+    # typical low one when that is clearly above zero (a still scene under
+    # the mark correlates with it by chance the same way in every frame).
     hi = float(torch.quantile(ncc, 0.9))
     lo = float(torch.quantile(ncc, 0.1))
     if -lo > hi:  # a dark mark correlates negatively with a bright template
-        ncc, hi = -ncc, -lo
-    return ncc >= max(0.08, 0.4 * hi)
+        ncc, hi, lo = -ncc, -lo, -hi
+    floor = lo + 0.4 * (hi - lo) if hi - lo > 0.1 else 0.0
+    return ncc >= max(0.08, 0.4 * hi, floor)
 
 
 def _mask_rle(shape: torch.Tensor | None) -> dict[str, Any]:

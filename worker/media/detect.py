@@ -75,6 +75,17 @@ def gradients(frames: torch.Tensor) -> torch.Tensor:
     return torch.stack([gx, gy], 1)
 
 
+def median0(t: torch.Tensor) -> torch.Tensor:
+    """`t.median(0).values` (the lower middle for an even count), by partial sort on the CPU.
+
+    numpy's partition is ~5x faster than torch's median over a stack of frames.
+    """
+    if t.device.type != "cpu":
+        return t.median(0).values
+    k = (t.shape[0] - 1) // 2
+    return torch.from_numpy(np.partition(t.contiguous().numpy(), k, axis=0)[k])
+
+
 @dataclass
 class Spot:
     """A candidate: a box (full resolution) and the windows in which it is active."""
@@ -164,7 +175,13 @@ class DetectPass:
     def _small(self, y: np.ndarray) -> np.ndarray:
         if self.factor == 1:
             return y.astype(np.float32)
-        return cv2.resize(y, (self.sw, self.sh), interpolation=cv2.INTER_AREA).astype(np.float32)
+        # cropped to a whole multiple of the factor first: OpenCV's INTER_AREA has a
+        # fast path for integer factors (1280x720 -> 426x240: 0.19 ms, not 0.70)
+        f = self.factor
+        whole = y[: self.sh * f, : self.sw * f]
+        return cv2.resize(whole, (self.sw, self.sh), interpolation=cv2.INTER_AREA).astype(
+            np.float32
+        )
 
     def add(self, index: int, luma: np.ndarray) -> None:
         """Frame `index`'s luma plane (h, w) uint8 (a view is fine: it is copied small)."""
@@ -197,9 +214,9 @@ class DetectPass:
         speed = math.hypot(dx, dy)
         if speed > STILL_SPEED:
             d = torch.tensor([dx / speed, dy / speed], device=self.device).view(1, 2, 1, 1)
-            p = (g * d).sum(1).median(0).values.abs()
+            p = median0((g * d).sum(1)).abs()
         else:
-            p = g.median(0).values.norm(dim=0)
+            p = median0(g).norm(dim=0)
         self.det.maps.append(p.to(torch.float16).cpu())
 
     def finish(self) -> Detection:
@@ -217,16 +234,23 @@ def _boxes(mask: np.ndarray, join: int) -> list[tuple[int, int, int, int, int]]:
     """(x, y, w, h, area) of the parts of `mask`, near parts joined (`join` px)."""
     grown = cv2.dilate(mask.astype(np.uint8), np.ones((2 * join + 1, 2 * join + 1), np.uint8))
     n, labels = cv2.connectedComponents(grown)
-    out = []
-    for i in range(1, n):
-        part = (labels == i) & mask
-        area = int(part.sum())
-        ys, xs = np.nonzero(part)
-        if area < 12:
-            continue
-        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-        out.append((x0, y0, x1 - x0, y1 - y0, area))
-    return out
+    # The mask's own pixels per part, all parts at once (a full-frame pass per
+    # part was most of find_spots' time on a busy frame).
+    ys, xs = np.nonzero(mask)
+    lab = labels[ys, xs]
+    area = np.bincount(lab, minlength=n)
+    big = 1 << 30
+    x0, y0 = np.full(n, big), np.full(n, big)
+    x1, y1 = np.full(n, -1), np.full(n, -1)
+    np.minimum.at(x0, lab, xs)
+    np.minimum.at(y0, lab, ys)
+    np.maximum.at(x1, lab, xs)
+    np.maximum.at(y1, lab, ys)
+    return [
+        (int(x0[i]), int(y0[i]), int(x1[i] - x0[i] + 1), int(y1[i] - y0[i] + 1), int(area[i]))
+        for i in range(1, n)
+        if area[i] >= 12
+    ]
 
 
 def overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:

@@ -1,0 +1,90 @@
+"""Issue 10: the parts of `auto` that decide alone, checked without a whole job.
+
+Cheap (no video job): the still-camera occlusion test, the fast CPU forms of
+the median, high-pass and detection boxes against their plain references,
+and the clean row padding that makes the benchmark's H.264 inputs reproducible.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker.media import synth
+from worker.media.auto import MAX_PARTIAL, _highpass, _partial_share
+from worker.media.detect import _boxes, median0
+
+
+def _frames_with(mask_per_frame: list[np.ndarray], on: np.ndarray, off: np.ndarray) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.where(m[None], on, off)) for m in mask_per_frame])
+
+
+def test_a_blend_switches_all_at_once_an_occlusion_sweeps():
+    rng = np.random.default_rng(0)
+    h, w = 24, 60
+    off = rng.uniform(40, 200, (3, h, w)).astype(np.float32)  # the scene
+    on = 0.6 * off + 0.4 * np.float32([235, 128, 128])[:, None, None]  # a white mark over it
+    on[:, :, :10] = off[:, :, :10]  # (the mark does not fill the crop)
+    whole = np.ones((h, w), bool)
+    # a mark that is there for 10 frames and gone for 8: every frame all or nothing
+    blend = _frames_with([whole] * 10 + [~whole] * 8, on, off)
+    assert _partial_share(blend, torch.from_numpy(on), torch.from_numpy(off)) == 0.0
+    # something crossing in front: each frame of the "off" part covers a part of it
+    xs = np.arange(w)[None, :].repeat(h, 0)
+    sweep = [whole] * 10 + [xs >= 8 * k for k in range(1, 9)]
+    crossed = _frames_with(sweep, on, off)
+    assert _partial_share(crossed, torch.from_numpy(on), torch.from_numpy(off)) > MAX_PARTIAL
+
+
+def test_median0_is_torch_median():
+    torch.manual_seed(0)
+    for k in (1, 2, 7, 8, 33):
+        t = torch.randint(0, 255, (k, 3, 17, 9)).float()
+        assert torch.equal(median0(t), t.median(0).values)
+
+
+def test_highpass_is_the_local_mean_over_the_window_inside_the_crop():
+    torch.manual_seed(1)
+    y = torch.rand(5, 31, 47) * 255
+    ref = y - F.avg_pool2d(y[:, None], 7, 1, 3, count_include_pad=False)[:, 0]
+    assert float((_highpass(y) - ref).abs().max()) < 1e-3
+
+
+def test_detection_boxes_are_the_parts_of_the_mask():
+    rng = np.random.default_rng(2)
+    mask = rng.random((120, 200)) > 0.97
+    mask[30:40, 50:90] = True
+    for join in (1, 2, 3):
+        grown = cv2.dilate(mask.astype(np.uint8), np.ones((2 * join + 1,) * 2, np.uint8))
+        n, labels = cv2.connectedComponents(grown)
+        ref = []
+        for i in range(1, n):
+            part = (labels == i) & mask
+            ys, xs = np.nonzero(part)
+            if part.sum() >= 12:
+                x0, y0 = int(xs.min()), int(ys.min())
+                ref.append(
+                    (x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0, int(part.sum()))
+                )
+        assert _boxes(mask, join) == ref
+
+
+def test_frames_handed_to_the_encoder_have_no_stale_row_padding():
+    """libx264 reads each row's padding; left as the buffer held it, two encodes of the
+    same frames differed (27 % of decoded pixels at 432x240) and the bench with them."""
+    import av
+
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 255, (240, 432, 3), np.uint8)
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    before = frame.to_ndarray()
+    padded = [p for p in frame.planes if p.line_size > p.width]
+    assert padded, "432 wide should leave row padding in some plane"
+    for p in padded:  # what an earlier use of the buffer may have left there
+        np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:, p.width :] = 77
+    frame = synth._zero_padding(frame)
+    for p in padded:
+        assert not np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:, p.width :].any()
+    assert np.array_equal(frame.to_ndarray(), before)
