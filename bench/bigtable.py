@@ -8,7 +8,7 @@ call by call (so a load spike of the shared machine hits both alike): Get of
 random jobs, List first page, and for information List of FAILED jobs and
 GetStats; then `--dispatch-jobs` no-op jobs by SubmitBatch on each (the order
 flipping every round). Done is seen by SQL on the two partial indexes (queued,
-running), cheap at any table size; GetStats counts the whole table.
+running), cheap at any table size (and so is GetStats, since migration 0003).
 """
 
 from __future__ import annotations

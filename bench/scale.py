@@ -611,7 +611,8 @@ def _table_details(t: dict) -> list[str]:
         f" → {b['get']['p50']:.1f} ms, List {e['list']['p50']:.1f} → {b['list']['p50']:.1f} ms",
         f"  - for information ({b['stats']['n']} calls): List first page of FAILED jobs p99"
         f" {e['list_failed']['p99']:.1f} → {b['list_failed']['p99']:.1f} ms; GetStats p99"
-        f" {e['stats']['p99']:.1f} → {b['stats']['p99']:.1f} ms (it counts the whole table)",
+        f" {e['stats']['p99']:.1f} → {b['stats']['p99']:.1f} ms (terminal jobs from the"
+        " counts the jobs triggers keep, not a count of the table)",
         f"  - dispatch: one `spool-worker` x 8 slots, `debug.noop`, batches of 500, first"
         f" submit → all done (SQL on the partial indexes, every {S.POLL_S * 1000:.0f} ms),"
         f" median of {t['reps']} rounds (range): empty {ed['jobs_per_s']:,.0f}"
