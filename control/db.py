@@ -77,11 +77,10 @@ def libpq_url(url: str) -> str:
 class Row:
     """One result row: by column name (`row.id`, `row._mapping["id"]`) or position."""
 
-    __slots__ = ("_mapping", "_values")
+    __slots__ = ("_mapping",)
 
     def __init__(self, mapping: dict[str, Any]) -> None:
         self._mapping = mapping
-        self._values = tuple(mapping.values())
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -90,13 +89,13 @@ class Row:
             raise AttributeError(name) from None
 
     def __getitem__(self, index: int) -> Any:
-        return self._values[index]
+        return tuple(self._mapping.values())[index]
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(self._values)
+        return iter(self._mapping.values())
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._mapping)
 
     def __repr__(self) -> str:
         return f"Row({self._mapping!r})"

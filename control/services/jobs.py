@@ -547,37 +547,38 @@ class JobsService:
         metrics.OPEN_STREAMS.labels(kind="watch").inc()
         try:
             last = after_seq
+            catch_up = True
             while True:
-                if read is not None:
+                if catch_up:
+                    catch_up = False
                     # Catch up from the database, a page at a time (one statement reads
-                    # the job and a page of its events: they agree).
+                    # the job and a page of its events: they agree). The first page of
+                    # the watch is the read above.
                     while True:
                         if read is None:
-                            return  # deleted while watched
-                        batch = read.events
-                        for i, event in enumerate(batch):
+                            read = await self._read_for_watch(tenant, job_id, last)
+                            if read is None:
+                                return  # deleted while watched
+                            feed.start(read.last_seq)  # a feed joined anew starts here
+                        page, read = read, None
+                        for i, event in enumerate(page.events):
                             yield event
                             last = event["seq"]
                             # The end, unless a Retry started the job again: refused late
                             # messages after it are history, not part of this watch.
                             if is_terminal_event(event) and not any(
-                                e["kind"] == store.EVENT_STATE for e in batch[i + 1 :]
+                                e["kind"] == store.EVENT_STATE for e in page.events[i + 1 :]
                             ):
                                 return
-                        if len(batch) < WATCH_BATCH:
+                        if len(page.events) < WATCH_BATCH:
                             break
-                        read = await self._read_for_watch(tenant, job_id, last)
                     # Caught up, and past the end already (a watch resumed after it)?
-                    if read.state in TERMINAL_STATES and read.last_seq <= last:
+                    if page.state in TERMINAL_STATES and page.last_seq <= last:
                         return
-                    read = None
                 if not feed.alive:
                     self.feeds.leave(feed, inbox)
                     feed, inbox = self.feeds.join(job_id)
-                    read = await self._read_for_watch(tenant, job_id, last)
-                    if read is None:
-                        return  # deleted while watched
-                    feed.start(read.last_seq)
+                    catch_up = True
                     continue
                 if not inbox.queue.empty():
                     event = inbox.queue.get_nowait()  # no timer for an event already here
@@ -585,15 +586,10 @@ class JobsService:
                     try:
                         event = await asyncio.wait_for(inbox.queue.get(), WATCH_IDLE_CHECK_S)
                     except TimeoutError:
-                        # Long silence: look at the database once.
-                        read = await self._read_for_watch(tenant, job_id, last)
-                        if read is None:
-                            return
+                        catch_up = True  # long silence: look at the database once
                         continue
                 if inbox.take_lag() or event["seq"] > last + 1:
-                    read = await self._read_for_watch(tenant, job_id, last)
-                    if read is None:
-                        return
+                    catch_up = True
                     continue
                 if event["seq"] <= last:
                     continue
