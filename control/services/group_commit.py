@@ -65,20 +65,16 @@ class GroupCommit(Generic[K, I, R]):
                 await self._write(key, batch)
         finally:
             self._task = None
-            if self._pending:  # cancelled while calls were queued: they fail, never hang
-                for queued in self._pending.values():
-                    for _, future in queued:
-                        if not future.done():
-                            future.set_exception(asyncio.CancelledError())
-                self._pending.clear()
+            # Cancelled while calls were queued: they fail, never hang.
+            for queued in self._pending.values():
+                _cancel(queued)
+            self._pending.clear()
 
     async def _write(self, key: K, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
         try:
             outcomes = await self._flush(key, [item for item, _ in batch])
         except asyncio.CancelledError:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(asyncio.CancelledError())
+            _cancel(batch)
             raise
         except Exception as exc:
             outcomes = [exc] * len(batch)
@@ -91,7 +87,14 @@ class GroupCommit(Generic[K, I, R]):
                 future.set_result(outcome)
 
     async def close(self) -> None:
-        """Wait for the writes in flight and queued (server shutdown)."""
+        """Wait for the writes in flight and queued."""
         task = self._task
         if task is not None:
             await asyncio.gather(task, return_exceptions=True)
+
+
+def _cancel(calls: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+    """Fail the calls not answered yet with CancelledError."""
+    for _, future in calls:
+        if not future.done():
+            future.set_exception(asyncio.CancelledError())
