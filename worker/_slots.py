@@ -101,7 +101,7 @@ class CancelFlag:
 
 @dataclass(eq=False)
 class ThreadJob:
-    """One job running on a pool thread."""
+    """One job running in this process: on a pool thread, or as a task ("async")."""
 
     key: JobKey
     #: the job's cancel flag (what `ctx.cancelled` reads)

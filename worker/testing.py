@@ -115,10 +115,6 @@ def validate_params(handler: Handler, params: dict[str, Any] | None) -> Any:
         raise PermanentError(f"invalid params: {problems}", code="INVALID_PARAMS") from exc
 
 
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
-
-
 def run_handler(
     handler: Handler | type[Handler],
     params: dict[str, Any] | None = None,
@@ -154,8 +150,8 @@ def run_handler(
             timer.daemon = True
             timer.start()
         out = handler.run(ctx, parsed)
-        if inspect.isawaitable(out):  # an `isolation = "async"` handler: its own loop here
-            out = asyncio.run(_awaited(out))
+        if inspect.iscoroutine(out):  # an `isolation = "async"` handler: its own loop here
+            out = asyncio.run(out)
         res.result = dict(out) if out is not None else None
     except Cancelled:
         res.cancelled = True
