@@ -238,7 +238,7 @@ def _register_servicers(cp: ControlPlane, server: grpc.aio.Server) -> None:
     cp.service_names.append(
         worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
     )
-    cp.components += [dispatcher, LeaseEnforcers(dispatch_db, cp.settings)]
+    cp.components += [dispatcher, LeaseEnforcers(dispatch_db, cp.settings, dispatcher.replica_id)]
 
 
 async def _become_ready(cp: ControlPlane, migrate: Callable[[], Awaitable[None]]) -> None:

@@ -36,9 +36,11 @@ FAILED_PASS_BACKOFF_S = 1.0
 class LeaseEnforcers:
     """The lease reaper, the deadline enforcer and the cancel-grace enforcer."""
 
-    def __init__(self, db: Any, settings: Any) -> None:
+    def __init__(self, db: Any, settings: Any, replica_id: str) -> None:
         self.db = db
         self.settings = settings
+        #: this replica: the reaper judges its own workers and disconnected ones
+        self.replica_id = replica_id
         #: a reaper pass failed for want of the database (leases are extended once it is back)
         self._database_was_away = False
         # Check a few times per lease so an expired lease is reaped promptly.
@@ -80,10 +82,21 @@ class LeaseEnforcers:
                     # gets one more lease to be heard of (its worker reconnects) first.
                     n = await store.extend_running_leases(s, now, lease_s=self.settings.lease_s)
                     log.info("database back: %d running lease(s) extended", n)
-                moved = await store.reap_expired_leases(s, now)
-                # Workers whose replica died without closing their streams.
+                # Workers whose replica died without closing their streams: from now
+                # on judged here, after one more lease to reconnect.
                 stale = now - timedelta(seconds=STALE_WORKER_LEASES * self.settings.lease_s)
-                await workers_store.mark_stale_disconnected(s, stale, now)
+                workers, extended = await workers_store.mark_stale_disconnected(
+                    s, stale, now, lease_s=self.settings.lease_s
+                )
+                if workers:
+                    log.info(
+                        "%d worker(s) unheard for %d leases marked disconnected; "
+                        "%d running lease(s) extended",
+                        workers,
+                        STALE_WORKER_LEASES,
+                        extended,
+                    )
+                moved = await store.reap_expired_leases(s, now, replica=self.replica_id)
         except Exception as exc:
             self._database_was_away = self._database_was_away or not is_bad_value(exc)
             raise

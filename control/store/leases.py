@@ -109,14 +109,18 @@ async def _reap(session: AsyncSession, name: str, args: dict[str, Any]) -> list[
 
 
 async def reap_expired_leases(
-    session: AsyncSession, now: datetime, *, batch: int = REAP_BATCH
+    session: AsyncSession, now: datetime, *, replica: str, batch: int = REAP_BATCH
 ) -> list[Transition]:
     """RUNNING attempts whose lease passed → QUEUED (attempt + 1, at once) or FAILED.
 
-    A lost lease is not the job's fault, so the retry starts without backoff.
+    Only attempts whose worker is disconnected, or connected through `replica` (the
+    caller): a worker on another replica is judged there, or once marked stale
+    (`control.store.workers.mark_stale_disconnected`). A lost lease is not the
+    job's fault, so the retry starts without backoff.
     """
     args = {
         "now": now,
+        "replica": replica,
         "batch": batch,
         "backoff_base_ms": 0,
         "backoff_max_ms": 0,

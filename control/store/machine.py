@@ -210,7 +210,16 @@ TRANSITIONS: dict[str, Transition] = {
             inputs=_WORKER_INPUTS,
             cas=_WORKER_CAS + " AND j.cancel_requested",
         ),
-        _reaper("reap_lease", f"j.lease_expires_at < {_NOW}", "lease expired"),
+        _reaper(
+            "reap_lease",
+            # A worker still marked connected through another replica is that replica's
+            # to judge: if the replica died, its heartbeats could not land, so the lease
+            # says nothing about the worker (it gets one more lease once marked stale).
+            f"j.lease_expires_at < {_NOW} AND NOT EXISTS (SELECT 1 FROM workers w"
+            " WHERE w.id = j.worker_id AND w.connected"
+            " AND w.control_replica IS DISTINCT FROM :replica)",
+            "lease expired",
+        ),
         _reaper("reap_deadline", f"j.deadline_at <= {_NOW}", "timeout"),
         _reaper(
             "requeue_lost",

@@ -136,16 +136,35 @@ async def mark_replica_disconnected(session: AsyncSession, replica: str, now: da
 
 
 # Workers still marked connected whose heartbeats stopped (their replica died
-# without closing their streams, or they vanished): marked disconnected.
+# without closing their streams, or they vanished): marked disconnected. Their
+# RUNNING attempts get one more lease from now: while their replica was gone no
+# heartbeat could land, so a lease that ran out says nothing about the worker,
+# which now has that long to reconnect (elsewhere) before the reaper takes them.
 _DISCONNECT_STALE_SQL = sa.text(
     """
-    UPDATE workers SET connected = false, disconnected_at = CAST(:now AS timestamptz)
-    WHERE connected AND last_heartbeat_at < CAST(:before AS timestamptz)
+    WITH gone AS (
+        UPDATE workers SET connected = false, disconnected_at = CAST(:now AS timestamptz)
+        WHERE connected AND last_heartbeat_at < CAST(:before AS timestamptz)
+        RETURNING id
+    ), extended AS (
+        UPDATE jobs SET lease_expires_at = greatest(
+            lease_expires_at, CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond')
+        WHERE state = 'running' AND worker_id IN (SELECT id FROM gone)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM gone) AS workers, (SELECT count(*) FROM extended) AS attempts
     """
 )
 
 
-async def mark_stale_disconnected(session: AsyncSession, before: datetime, now: datetime) -> int:
-    """Mark workers whose last heartbeat is older than `before` disconnected; returns how many."""
-    result = await session.execute(_DISCONNECT_STALE_SQL, {"before": before, "now": now})
-    return int(getattr(result, "rowcount", 0) or 0)
+async def mark_stale_disconnected(
+    session: AsyncSession, before: datetime, now: datetime, *, lease_s: float
+) -> tuple[int, int]:
+    """Mark workers whose last heartbeat is older than `before` disconnected and give
+    their RUNNING attempts a lease of `lease_s` from `now`; returns (workers, attempts)."""
+    row = (
+        await session.execute(
+            _DISCONNECT_STALE_SQL, {"before": before, "now": now, "lease_ms": int(lease_s * 1000)}
+        )
+    ).one()
+    return int(row.workers), int(row.attempts)
