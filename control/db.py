@@ -54,6 +54,15 @@ STATEMENTS_PER_CONNECTION = 256
 COMPILED_CACHE_SIZE = 1024
 #: a pooled connection unused this long is closed
 POOL_IDLE_S = 300.0
+#: Claims read the head of the queue: the first rows of the claim index, in its
+#: order. With statistics that lag the table (a burst of submits into a table
+#: last analyzed nearly empty, which is how every batch arrives) the planner
+#: reads every queued row and sorts them instead: a claim of one job then took
+#: 16 ms at 20,000 queued and grows with the queue; the index walk took 0.2 ms.
+#: Claim statements run on connections where only the index walk is allowed.
+CLAIM_PLANNER_SETTINGS = {"enable_bitmapscan": "off", "enable_seqscan": "off"}
+#: claims run one at a time per replica (plus a hand-back)
+CLAIM_CONNECTIONS = 2
 
 _DIALECT = pg_asyncpg.dialect()
 
@@ -252,22 +261,36 @@ class Database:
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._pool: asyncpg.Pool | None = None
+        self._claim_pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
         self._shielded: set[asyncio.Task[object]] = set()
+
+    def _create_pool(self, max_size: int, **server_settings: str) -> Awaitable[asyncpg.Pool]:
+        return asyncpg.create_pool(
+            self.url,
+            min_size=0,
+            max_size=max_size,
+            max_inactive_connection_lifetime=POOL_IDLE_S,
+            reset=_no_reset,
+            statement_cache_size=STATEMENTS_PER_CONNECTION,
+            server_settings=server_settings or None,
+        )
 
     async def _get_pool(self) -> asyncpg.Pool:
         if self._pool is None:
             async with self._pool_lock:
                 if self._pool is None:
-                    self._pool = await asyncpg.create_pool(
-                        self.url,
-                        min_size=0,
-                        max_size=self.max_size,
-                        max_inactive_connection_lifetime=POOL_IDLE_S,
-                        reset=_no_reset,
-                        statement_cache_size=STATEMENTS_PER_CONNECTION,
-                    )
+                    self._pool = await self._create_pool(self.max_size)
         return self._pool
+
+    async def _get_claim_pool(self) -> asyncpg.Pool:
+        if self._claim_pool is None:
+            async with self._pool_lock:
+                if self._claim_pool is None:
+                    self._claim_pool = await self._create_pool(
+                        CLAIM_CONNECTIONS, **CLAIM_PLANNER_SETTINGS
+                    )
+        return self._claim_pool
 
     @contextlib.asynccontextmanager
     async def autocommit(self) -> AsyncIterator[StatementRunner]:
@@ -277,6 +300,13 @@ class Database:
         no BEGIN/COMMIT round trips.
         """
         pool = await self._get_pool()
+        async with pool.acquire() as conn:
+            yield StatementRunner(conn)
+
+    @contextlib.asynccontextmanager
+    async def claiming(self) -> AsyncIterator[StatementRunner]:
+        """An autocommit connection for claim statements (`CLAIM_PLANNER_SETTINGS`)."""
+        pool = await self._get_claim_pool()
         async with pool.acquire() as conn:
             yield StatementRunner(conn)
 
@@ -331,10 +361,12 @@ class Database:
         """Wait (briefly) for shielded work still running, then close every pooled connection."""
         if self._shielded:
             await asyncio.wait(list(self._shielded), timeout=DISPOSE_WAIT_S)
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
+        for pool in (self._pool, self._claim_pool):
+            if pool is None:
+                continue
             try:
                 await asyncio.wait_for(pool.close(), DISPOSE_WAIT_S)
             except Exception:
                 pool.terminate()
+        self._pool = self._claim_pool = None
         await self.engine.dispose()

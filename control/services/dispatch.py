@@ -799,7 +799,8 @@ class Dispatcher:
         """Claim for one session: the jobs started, and the error that cut the claim short.
 
         The claim statement runs on an autocommit connection (no BEGIN/COMMIT
-        round trips), so the jobs it starts are committed RUNNING as it returns.
+        round trips; one that walks the claim index, `Database.claiming`), so
+        the jobs it starts are committed RUNNING as it returns.
         If its rows cannot be read back (a stored value this process cannot
         decode) or the connection is lost on the way, the attempts it started
         are handed back at once (`_hand_back_claim`): no job stays RUNNING on a
@@ -812,7 +813,7 @@ class Dispatcher:
             lease_s=self.settings.lease_s, tenants=session.tenants,
         )  # fmt: skip
         try:
-            async with self.db.autocommit() as s:
+            async with self.db.claiming() as s:
                 started, keyed = await store.claim_unkeyed(s, args)
         except Exception as exc:
             await self._hand_back_claim(session.worker_id, now)
