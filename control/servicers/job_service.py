@@ -6,6 +6,7 @@ statuses. The caller's tenant comes from `control.auth.current_principal()`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from control.config import Settings
 from control.db import Database
 from control.errors import InvalidArgument
 from control.notify import Notifier
-from control.services.jobs import MAX_BATCH, JobSpec, JobsService, parse_job_id
+from control.services.jobs import MAX_BATCH, YIELD_EVERY, JobSpec, JobsService, parse_job_id
 from spool.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -317,9 +318,18 @@ class JobService(job_service_pb2_grpc.JobServiceServicer):
         tenant = current_principal().tenant
         if len(request.jobs) > MAX_BATCH:
             raise InvalidArgument("jobs", f"at most {MAX_BATCH} jobs per batch")
-        specs = [spec_from_proto(j, f"jobs[{i}]") for i, j in enumerate(request.jobs)]
+        specs = []
+        for i, j in enumerate(request.jobs):
+            if i and not i % YIELD_EVERY:
+                await asyncio.sleep(0)  # let claims and completions in (see YIELD_EVERY)
+            specs.append(spec_from_proto(j, f"jobs[{i}]"))
         rows = await self.jobs.submit_batch(tenant, specs)
-        return pb.SubmitBatchResponse(jobs=[job_to_proto(r) for r in rows])
+        jobs = []
+        for i, row in enumerate(rows):
+            if i and not i % YIELD_EVERY:
+                await asyncio.sleep(0)
+            jobs.append(job_to_proto(row))
+        return pb.SubmitBatchResponse(jobs=jobs)
 
     async def Get(
         self, request: pb.GetRequest, context: grpc.aio.ServicerContext
