@@ -177,11 +177,11 @@ def _assignment(a: worker_service_pb2.ConnectResponse.Assign) -> Assignment:
         "job_id": job.id,
         "attempt": attempt,
         "type": job.type,
-        "params": json_format.MessageToDict(job.params),
+        "params": json_format.MessageToDict(job.params) if job.params.fields else {},
         "inputs": list(job.inputs),
         "tenant": job.tenant,
     }
-    timeout_s = job.timeout.ToTimedelta().total_seconds()
+    timeout_s = job.timeout.seconds + job.timeout.nanos / 1e9
     return Assignment(key=(job.id, attempt), job_type=job.type, spec=spec, timeout_s=timeout_s)
 
 

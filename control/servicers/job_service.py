@@ -150,38 +150,60 @@ def error_to_proto(e: Mapping[str, Any] | None) -> job_pb2.JobError | None:
     )
 
 
+#: the Job fields copied as they are, and the ones left unset when empty
+_JOB_SCALARS = ("tenant", "type", "priority", "concurrency_limit", "max_attempts", "attempt",
+                "cancel_requested", "last_seq")  # fmt: skip
+_JOB_OPTIONAL_TEXT = ("concurrency_key", "worker_id", "request_id")
+_JOB_TIMES = (("not_before", "not_before"), ("created_at", "create_time"),
+              ("started_at", "start_time"), ("finished_at", "finish_time"),
+              ("updated_at", "update_time"))  # fmt: skip
+
+
+def _times(
+    row: Mapping[Any, Any], fields: tuple[tuple[str, str], ...], into: dict[str, Any]
+) -> None:
+    """The row's times as Timestamps (a row's times are often equal: each made once)."""
+    made: dict[datetime, timestamp_pb2.Timestamp | None] = {}
+    for column, name in fields:
+        dt = row[column]
+        if dt is not None:
+            ts = made.get(dt)
+            if ts is None:
+                ts = made[dt] = timestamp(dt)
+            into[name] = ts
+
+
 def job_to_proto(row: Mapping[Any, Any]) -> job_pb2.Job:
-    """A jobs row as a Job message."""
-    return job_pb2.Job(
-        id=str(row["id"]),
-        tenant=row["tenant"],
-        type=row["type"],
-        params=_struct(row["params"]),
-        inputs=list(row["inputs"] or ()),
-        outputs=list(row["outputs"] or ()),
-        priority=row["priority"],
-        labels=dict(row["labels"] or {}),
-        worker_selector=dict(row["worker_selector"] or {}),
-        concurrency_key=row["concurrency_key"] or "",
-        concurrency_limit=row["concurrency_limit"],
-        min_start_interval=_ms_to_duration(row["min_start_interval_ms"]),
-        not_before=timestamp(row["not_before"]),
-        timeout=_ms_to_duration(row["timeout_ms"]),
-        max_attempts=row["max_attempts"],
-        attempt=row["attempt"],
-        state=_STATE_TO_PROTO.get(row["state"], job_pb2.JOB_STATE_UNSPECIFIED),
-        cancel_requested=row["cancel_requested"],
-        progress=progress_to_proto(row["progress"]),
-        result=_struct(row["result"]),
-        error=error_to_proto(row["error"]),
-        worker_id=row["worker_id"] or "",
-        create_time=timestamp(row["created_at"]),
-        start_time=timestamp(row["started_at"]),
-        finish_time=timestamp(row["finished_at"]),
-        update_time=timestamp(row["updated_at"]),
-        request_id=row["request_id"] or "",
-        last_seq=row["last_seq"],
-    )
+    """A jobs row as a Job message (fields whose value is empty are left unset)."""
+    kw: dict[str, Any] = {name: row[name] for name in _JOB_SCALARS}
+    kw["id"] = str(row["id"])
+    kw["state"] = _STATE_TO_PROTO.get(row["state"], job_pb2.JOB_STATE_UNSPECIFIED)
+    for name in _JOB_OPTIONAL_TEXT:
+        if row[name]:
+            kw[name] = row[name]
+    if row["params"] is not None:
+        kw["params"] = _struct(row["params"])
+    if row["result"] is not None:
+        kw["result"] = _struct(row["result"])
+    for name in ("inputs", "outputs"):
+        if row[name]:
+            kw[name] = list(row[name])
+    for name in ("labels", "worker_selector"):
+        if row[name]:
+            kw[name] = dict(row[name])
+    if row["min_start_interval_ms"]:
+        kw["min_start_interval"] = _ms_to_duration(row["min_start_interval_ms"])
+    if row["timeout_ms"]:
+        kw["timeout"] = _ms_to_duration(row["timeout_ms"])
+    if row["progress"]:
+        kw["progress"] = progress_to_proto(row["progress"])
+    if row["error"]:
+        kw["error"] = error_to_proto(row["error"])
+    _times(row, _JOB_TIMES, kw)
+    return job_pb2.Job(**kw)
+
+
+_ASSIGNED_TIMES = (("created_at", "create_time"), ("started_at", "start_time"))
 
 
 def assigned_job_to_proto(row: Mapping[Any, Any]) -> job_pb2.Job:
@@ -191,24 +213,28 @@ def assigned_job_to_proto(row: Mapping[Any, Any]) -> job_pb2.Job:
     (outputs, progress, result, error, the scheduling fields, times but the
     creation and start): an Assign is sent for every job, so it stays lean.
     """
-    return job_pb2.Job(
-        id=str(row["id"]),
-        tenant=row["tenant"],
-        type=row["type"],
-        params=_struct(row["params"]),
-        inputs=list(row["inputs"] or ()),
-        priority=row["priority"],
-        labels=dict(row["labels"] or {}),
-        timeout=_ms_to_duration(row["timeout_ms"]),
-        max_attempts=row["max_attempts"],
-        attempt=row["attempt"],
-        state=job_pb2.JOB_STATE_RUNNING,
-        worker_id=row["worker_id"] or "",
-        create_time=timestamp(row["created_at"]),
-        start_time=timestamp(row["started_at"]),
-        request_id=row["request_id"] or "",
-        last_seq=row["last_seq"],
-    )
+    kw: dict[str, Any] = {
+        "id": str(row["id"]),
+        "tenant": row["tenant"],
+        "type": row["type"],
+        "params": _struct(row["params"]),
+        "priority": row["priority"],
+        "max_attempts": row["max_attempts"],
+        "attempt": row["attempt"],
+        "state": job_pb2.JOB_STATE_RUNNING,
+        "last_seq": row["last_seq"],
+    }
+    for name in ("worker_id", "request_id"):
+        if row[name]:
+            kw[name] = row[name]
+    if row["inputs"]:
+        kw["inputs"] = list(row["inputs"])
+    if row["labels"]:
+        kw["labels"] = dict(row["labels"])
+    if row["timeout_ms"]:
+        kw["timeout"] = _ms_to_duration(row["timeout_ms"])
+    _times(row, _ASSIGNED_TIMES, kw)
+    return job_pb2.Job(**kw)
 
 
 def event_to_proto(row: Mapping[Any, Any]) -> job_pb2.JobEvent:

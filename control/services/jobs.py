@@ -133,10 +133,14 @@ def validate_spec(
         name("type"), spec.type, max_len=MAX_TYPE_LEN, required=True, strip=True
     )
     validate.integer(name("priority"), spec.priority, lo=MIN_PRIORITY, hi=MAX_PRIORITY)
-    params = validate.json_value(name("params"), dict(spec.params), max_bytes=None)
-    params_json = json.dumps(params, separators=(",", ":"), sort_keys=True, allow_nan=False)
-    if len(params_json.encode()) > MAX_PARAMS_BYTES:
-        raise bad("params", f"at most {MAX_PARAMS_BYTES} bytes once serialized")
+    if spec.params:
+        params = validate.json_value(name("params"), dict(spec.params), max_bytes=None)
+        params_json = json.dumps(params, separators=(",", ":"), sort_keys=True, allow_nan=False)
+        if len(params_json.encode()) > MAX_PARAMS_BYTES:
+            raise bad("params", f"at most {MAX_PARAMS_BYTES} bytes once serialized")
+        params = json.loads(params_json)
+    else:
+        params, params_json = {}, "{}"
     if len(spec.inputs) > MAX_INPUTS:
         raise bad("inputs", f"at most {MAX_INPUTS} inputs")
     for i, uri in enumerate(spec.inputs):
@@ -172,7 +176,7 @@ def validate_spec(
     request_id = validate.text(name("request_id"), spec.request_id, max_len=MAX_REQUEST_ID_LEN)
     normalized = {
         "type": job_type,
-        "params": json.loads(params_json),
+        "params": params,
         "inputs": list(spec.inputs),
         "priority": spec.priority,
         "labels": labels,
