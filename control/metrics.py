@@ -11,6 +11,7 @@ several control planes (tests) shares the counters, and serves them once.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -61,9 +62,11 @@ for _state in JOB_STATES:
 
 def count_finished(transitions: Iterable[Any]) -> None:
     """Count the transitions (`control.store.dispatch.Transition`) that ended a job."""
-    for t in transitions:
-        if t is not None and t.state in TERMINAL_STATES:
-            FINISHED.labels(type=t.job_type, state=t.state).inc()
+    counts = collections.Counter(
+        (t.job_type, t.state) for t in transitions if t is not None and t.state in TERMINAL_STATES
+    )
+    for (job_type, state), n in counts.items():
+        FINISHED.labels(type=job_type, state=state).inc(n)
 
 
 def apply_stats(stats: Mapping[str, Any], pool: Any = None) -> None:

@@ -31,6 +31,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -482,10 +483,15 @@ class WorkerSession:
                     await self._heartbeat(s, msg, now, after)
             if progress:
                 await store.write_progress(s, self.worker_id, progress, now)
+            finished: list[store.Transition] = []
             for run in _runs(outcomes):
                 moved = await self._outcomes(s, run, now)
                 for msg, t in zip(run, moved, strict=True):
                     acks.append(self._settled(msg, t, after))
+                    if t is not None:
+                        finished.append(t)
+        if finished:
+            after.append(lambda: metrics.count_finished(finished))
         # Committed (only this task touches the pending progress).
         if len(pending) < len(self._pending_progress):
             self._last_flush = time.monotonic()
@@ -532,9 +538,7 @@ class WorkerSession:
     def _settled(self, msg: Outcome, t: store.Transition | None, after: list[Any]) -> OutcomeAck:
         """What follows an applied (or refused) outcome once the transaction commits."""
         after.append(lambda: self._forget(msg.job_id, msg.attempt))
-        if t is not None:
-            after.append(lambda: metrics.count_finished([t]))
-        else:
+        if t is None:
             metrics.IGNORED.labels(kind=type(msg).__name__.lower()).inc()
         return OutcomeAck(msg.job_id, msg.attempt, t is not None, "" if t else STALE_REASON)
 
@@ -781,10 +785,11 @@ class Dispatcher:
             sent = utcnow()
             for row in result.jobs:
                 session._assign(row)
-                metrics.DISPATCHED.labels(type=row["type"]).inc()
                 # Claimable since it was created, or since not_before (delays, retries, requeues).
                 ready_since = max(row["created_at"], row["not_before"])
                 metrics.DISPATCH_LATENCY.observe(max(0.0, (sent - ready_since).total_seconds()))
+            for job_type, n in Counter(row["type"] for row in result.jobs).items():
+                metrics.DISPATCHED.labels(type=job_type).inc(n)
         if error is not None:
             if not is_bad_value(error):
                 raise error
