@@ -18,7 +18,9 @@ peak RSS read from /proc/<pid>/status (VmHWM) is that scenario's alone.
    progress write → NOTIFY → the job's feed → every stream. The interval is
    above the 0.2 s coalescing windows of the worker and the control plane, so
    no report waits in one. Errors: failed streams, watchers that missed an
-   event or did not end with SUCCEEDED.
+   event or did not end with SUCCEEDED. Then the same fan-out through a bare
+   grpc.aio server (bench/fanout_ceiling.py: raw bytes, no database): the
+   transport's own delay and CPU per message on this machine.
 2. **A fleet on one control process.** `--fleet-workers` worker streams played
    by `bench.scripted.ScriptedWorker` in this process (the real protocol, one
    TCP connection each; 200 real worker processes would not fit on 2 cores),
@@ -56,6 +58,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
+from bench import fanout_ceiling
 from bench import systems as S
 from bench.bigtable import NOT_DONE_SQL, STATES_OF_SQL, summary, table
 from bench.scripted import OWN_CONNECTION, ScriptedWorker
@@ -203,7 +206,11 @@ async def fanout(pg: Any, tmp: Path, args: argparse.Namespace) -> dict[str, Any]
     if final.state != job_pb2.JOB_STATE_SUCCEEDED:
         errors[f"job ended in state {job_pb2.JobState.Name(final.state)}"] += 1
     pairs = [d for ds in by_seq.values() for d in ds]
+    # The same fan-out through a bare grpc.aio server: what the transport alone costs here.
+    log(f"fan-out: the transport's own ceiling ({n} watchers, bare grpc.aio)")
+    ceiling = await fanout_ceiling.measure(n, args.events, args.interval, WATCHERS_PER_CHANNEL)
     return {
+        "ceiling": ceiling,
         "watchers": n,
         "reported": args.events,
         "progress_events": len(by_seq),
@@ -554,6 +561,18 @@ def _fanout_details(f: dict, args: argparse.Namespace) -> list[str]:
         f" clients {cpu['bench']:.1f} ms, Postgres {cpu['postgres']:.1f} ms; control peak"
         f" RSS {f['rss']['VmHWM']:.0f} MB",
     ]
+    c = f.get("ceiling")
+    if c:
+        d = c["delay"]
+        lines.append(
+            f"- fan-out ceiling of the transport, same run (`bench/fanout_ceiling.py`): a bare"
+            f" grpc.aio server (uvloop, raw bytes, no protobuf, interceptors or database)"
+            f" streaming {c['events']} events to the same {c['watchers']:,} watchers read the"
+            f" same way: delay p50 {d['p50']:.1f} / p99 {d['p99']:.1f} ms; CPU per message:"
+            f" server {c['server_us']:.0f} µs (Spool's control plane"
+            f" {f['cpu_ms']['control'] * 1000 / f['watchers']:.0f} µs), bench clients"
+            f" {c['client_us']:.0f} µs"
+        )
     return lines + _profile_lines(f.get("profile"))
 
 
