@@ -591,14 +591,10 @@ class JobsService:
                     feed, inbox = self.feeds.join(job_id)
                     catch_up = True
                     continue
-                if not inbox.queue.empty():
-                    event = inbox.queue.get_nowait()  # no timer for an event already here
-                else:
-                    try:
-                        event = await asyncio.wait_for(inbox.queue.get(), WATCH_IDLE_CHECK_S)
-                    except TimeoutError:
-                        catch_up = True  # long silence: look at the database once
-                        continue
+                event = await inbox.next(WATCH_IDLE_CHECK_S)
+                if event is None:
+                    catch_up = True  # long silence: look at the database once
+                    continue
                 if inbox.take_lag() or event["seq"] > last + 1:
                     catch_up = True
                     continue

@@ -182,3 +182,20 @@ async def test_watchers_share_one_feed_and_a_slow_one_catches_up(jobs, db, datab
     finally:
         await service.feeds.close()
         await notifier.stop()
+
+
+async def test_a_watchers_inbox_wakes_on_an_event_times_out_and_marks_overflow() -> None:
+    """The per-watcher inbox (control.services.feeds.WatcherQueue), alone."""
+    from control.services.feeds import WATCHER_QUEUE_SIZE, WatcherQueue
+
+    inbox = WatcherQueue()
+    assert await inbox.next(0.01) is None  # nothing came: the watcher looks at the database
+    waiting = asyncio.create_task(inbox.next(5.0))
+    await asyncio.sleep(0)
+    inbox.offer({"seq": 1})
+    assert await asyncio.wait_for(waiting, 1.0) == {"seq": 1}  # woken at once, not at 5 s
+    for seq in range(2, 2 + WATCHER_QUEUE_SIZE + 1):
+        inbox.offer({"seq": seq})
+    assert await inbox.next(0.01) == {"seq": 2}  # in order; the one past the bound was dropped
+    assert inbox.take_lag() and not inbox.take_lag()  # so it must re-read, once
+    assert await inbox.next(0.01) is None  # and the queue restarts empty
