@@ -88,3 +88,66 @@ def test_frames_handed_to_the_encoder_have_no_stale_row_padding():
     for p in padded:
         assert not np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:, p.width :].any()
     assert np.array_equal(frame.to_ndarray(), before)
+
+
+def _spot_frames(
+    rng: np.random.Generator, mark: np.ndarray, at: tuple[int, int], size: tuple[int, int], n: int
+) -> list[np.ndarray]:
+    """`n` luma crops of a scene panning under a white mark (shape `mark`, opacity 0.4)."""
+    h, w = size
+    scene = cv2.GaussianBlur(
+        rng.uniform(0, 255, (h + 4 * n, w + 4 * n)).astype(np.float32), (0, 0), 3
+    )
+    scene = (scene - scene.mean()) * 6 + 110
+    alpha = np.zeros((h, w), np.float32)
+    alpha[at[0] : at[0] + mark.shape[0], at[1] : at[1] + mark.shape[1]] = 0.4 * mark
+    out = []
+    for t in range(n):
+        bg = np.clip(scene[2 * t : 2 * t + h, 3 * t : 3 * t + w], 0, 255)
+        out.append(np.clip((1 - alpha) * bg + alpha * 255, 0, 255).astype(np.uint8))
+    return out
+
+
+def test_a_cut_template_grows_to_the_whole_mark_and_not_into_one_spots_scene():
+    from worker.media.auto import AutoPlanner, _SpotData
+    from worker.media.detect import Spot
+    from worker.media.scenes import make_watermark
+
+    rng = np.random.default_rng(3)
+    shape = make_watermark(26, 104, "GENAI").shape  # a glyph, a gap, then the word
+    word = np.flatnonzero(shape[:, 30:].max(0) > 0.5)[0] + 30  # where the glyph ends
+    at, size = (24, 30), (80, 170)
+    members, spots = [], []
+    for i in range(3):
+        frames = _spot_frames(rng, shape, at, size, 24)
+        if i == 0:
+            # scene content this spot's frames kept still, just below the mark
+            for f in frames:
+                f[at[0] + 30 : at[0] + 34, at[1] + 10 : at[1] + 60] = 250
+        spot = Spot(
+            x=0, y=0, w=size[1], h=size[0], windows={0}, strong={0}, persistent=False, strength=1.0
+        )
+        d = _SpotData(spot, 100 * i, 0, size[0], size[1], set(), set())
+        d.on_y, d.on_idx = frames, list(range(24))
+        members.append(d)
+        spots.append((100 * i + at[0], at[1] + word))
+    # the template a box that missed the glyph gives: the word alone
+    cut = torch.from_numpy(shape[:, word:].copy())
+    planner = AutoPlanner(None)  # type: ignore[arg-type]
+    tmpl, grown_spots = cut, spots
+    for _ in range(3):
+        tmpl, grown_spots = planner._grow_shape(tmpl, grown_spots, members)
+    y, x = grown_spots[0][0] - at[0], grown_spots[0][1] - at[1]
+    canvas = np.zeros((200, 300), np.float32)
+    canvas[50 + y : 50 + y + tmpl.shape[0], 50 + x : 50 + x + tmpl.shape[1]] = tmpl.numpy()
+    found = canvas[50 : 50 + shape.shape[0], 50 : 50 + shape.shape[1]] > 0.1
+    # the glyph is back ...
+    assert found[shape > 0.5].mean() > 0.95, (tmpl.shape, grown_spots)
+    # ... and nothing of the bar one spot's scene held
+    assert not (canvas > 0.1)[50 + 30 : 50 + 34, 50 + 10 : 50 + 60].any()
+    assert all(
+        gy - sy == y and gx - sx == x
+        for (gy, gx), (sy, sx) in zip(
+            grown_spots, [(100 * i + at[0], at[1]) for i in range(3)], strict=True
+        )
+    )
