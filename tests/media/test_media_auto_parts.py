@@ -151,3 +151,43 @@ def test_a_cut_template_grows_to_the_whole_mark_and_not_into_one_spots_scene():
             grown_spots, [(100 * i + at[0], at[1]) for i in range(3)], strict=True
         )
     )
+
+
+def test_still_matte_reads_opacity_and_colour_from_the_solid_core():
+    """A saturated yellow mark under a still camera (scenes' still-late-colour, no
+    codec: frames to yuv420p by OpenCV): the per-pixel matte from the typical frames
+    with and without it is within 0.04 of the truth on average (the alternating fit
+    alone: 0.08, the opacity read 0.52 for 0.6)."""
+    from worker.media.auto import _refit_on_core, _upsample_uv, blend_fit
+    from worker.media.scenes import make_clip
+
+    clip = make_clip("still-late-colour", 48, 180, 320)
+    mark = clip.marks[0]
+    y0, x0 = next(p for p in mark.positions if p is not None)
+    lh, lw = mark.logo.size
+    cy, cx = (y0 - 8) & ~1, (x0 - 8) & ~1
+    h, w = min(lh + 16, 180 - cy) & ~1, min(lw + 16, 320 - cx) & ~1
+
+    def crop(frame: np.ndarray) -> np.ndarray:
+        fh, fw = frame.shape[:2]
+        i420 = cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420).astype(np.float32)
+        q = fh * fw // 4
+        uv = np.stack([i420[fh:].reshape(-1)[:q], i420[fh:].reshape(-1)[q:]])
+        uv = uv.reshape(2, fh // 2, fw // 2)[:, cy // 2 : (cy + h) // 2, cx // 2 : (cx + w) // 2]
+        return np.concatenate([i420[None, cy : cy + h, cx : cx + w], _upsample_uv(uv[None])[0]])
+
+    on = [crop(f) for f, p in zip(clip.blended, mark.positions, strict=True) if p is not None]
+    off = [crop(f) for f, p in zip(clip.blended, mark.positions, strict=True) if p is None]
+    pairs = [(median0(torch.from_numpy(np.stack(on))), median0(torch.from_numpy(np.stack(off))))]
+    truth = np.zeros((h, w), np.float32)
+    truth[y0 - cy : y0 - cy + lh, x0 - cx : x0 - cx + lw] = (mark.opacity * mark.logo.shape)[
+        : h - (y0 - cy), : w - (x0 - cx)
+    ]
+    on_mark = torch.from_numpy(truth > 0.05)
+
+    def error(a: torch.Tensor) -> float:
+        return float((a - torch.from_numpy(truth)).abs()[on_mark].mean())
+
+    a0, w0 = blend_fit(pairs)
+    a1, _ = _refit_on_core(pairs, a0, w0)
+    assert error(a1) < 0.04 < error(a0), (error(a0), error(a1))
