@@ -7,6 +7,8 @@ and the clean row padding that makes the benchmark's H.264 inputs reproducible.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import cv2
 import numpy as np
 import torch
@@ -133,7 +135,8 @@ def test_a_cut_template_grows_to_the_whole_mark_and_not_into_one_spots_scene():
         spots.append((100 * i + at[0], at[1] + word))
     # the template a box that missed the glyph gives: the word alone
     cut = torch.from_numpy(shape[:, word:].copy())
-    planner = AutoPlanner(None)  # type: ignore[arg-type]
+    remover = SimpleNamespace(info=SimpleNamespace(height=400, width=300))
+    planner = AutoPlanner(remover)  # type: ignore[arg-type]
     tmpl, grown_spots = cut, spots
     for _ in range(3):
         tmpl, grown_spots = planner._grow_shape(tmpl, grown_spots, members)

@@ -94,8 +94,9 @@ REACH = 1.5
 LINK_SHARE = 0.5
 #: ... at most this many times (each from what the last one kept)
 GROW_ROUNDS = 3
-#: ... of parts at least this large
+#: ... of parts at least this large (pixels, and share of the template's)
 MIN_PART_PIXELS = 8
+PART_SHARE = 0.01
 #: ... and the grown template may hold at most this many times the pixels it had
 MAX_GROWTH = 2.0
 #: two candidates are one mark when their shapes correlate this well
@@ -626,10 +627,22 @@ class AutoPlanner:
         reach = max(GROW, round(REACH * th))
         # the template's origin in each spot's crop (it lies inside every crop)
         origins = [(sy - d.y0, sx - d.x0) for (sy, sx), d in zip(spots, members, strict=True)]
-        top = min(reach, max(oy for oy, _ in origins))
-        left = min(reach, max(ox for _, ox in origins))
-        bottom = min(reach, max(d.h - oy - th for (oy, _), d in zip(origins, members, strict=True)))
-        right = min(reach, max(d.w - ox - tw for (_, ox), d in zip(origins, members, strict=True)))
+        # as far as some spot's crop reaches, and at every spot inside the frame
+        fh, fw = self.r.info.height, self.r.info.width
+        top = min(reach, max(oy for oy, _ in origins), *(sy for sy, _ in spots))
+        left = min(reach, max(ox for _, ox in origins), *(sx for _, sx in spots))
+        bottom = min(
+            reach,
+            max(d.h - oy - th for (oy, _), d in zip(origins, members, strict=True)),
+            *(fh - sy - th for sy, _ in spots),
+        )
+        right = min(
+            reach,
+            max(d.w - ox - tw for (_, ox), d in zip(origins, members, strict=True)),
+            *(fw - sx - tw for _, sx in spots),
+        )
+        if min(top, left, bottom, right) < 0:
+            return tmpl, spots
         wh, ww = th + top + bottom, tw + left + right
         # each spot's frames in the window (NaN where its crop ends)
         stacks = []
@@ -689,7 +702,8 @@ class AutoPlanner:
         _, labels, stats, _ = cv2.connectedComponentsWithStats(
             (new > 0.15).numpy().astype(np.uint8)
         )
-        labels[np.isin(labels, np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < MIN_PART_PIXELS))] = 0
+        speck = max(MIN_PART_PIXELS, PART_SHARE * int(own.sum()))
+        labels[np.isin(labels, np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < speck))] = 0
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * link + 1, 2 * link + 1))
         kept, parts = own.copy(), set()
         while True:
