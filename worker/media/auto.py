@@ -16,7 +16,10 @@ Three streaming passes on `run_pipeline`, memory bounded whatever the length:
      background's (`fit_opacity`), with `0.08 <= a <= 0.9`: static opaque
      content (a UI badge, a logo burned in at full opacity) is not a blend.
    Candidates whose shapes match (a jumping mark's spots) become one mark;
-   its matte is estimated from the aligned crops of all its spots.
+   over a moving scene its template is pooled over all its spots and grown
+   to the whole mark where a box had cut it (`_grow_shape`: parts that
+   stand out of every spot's median, near what is kept), then looked for
+   again; its matte is estimated from the aligned crops of all its spots.
 3. *restore*: at each of its spots, per frame, a mark is taken as present
    when inverting the blend there removes edge energy instead of adding it
    (`present_ratio`, with hysteresis); only then is the crop restored.
@@ -29,6 +32,7 @@ every rejected candidate with its reason, for report.json.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +88,15 @@ MIN_MARK_PIXELS = 64
 PART_NCC = 0.4
 #: the template is looked for again this many pixels around it (`_pool_shape`)
 GROW = 10
+#: ... over a window this many times its height past it
+REACH = 1.5
+#: ... its parts joined when this share of its height apart (`_pool_shape`)
+LINK_SHARE = 0.5
+#: ... at most this many times (each from what the last one kept)
+GROW_ROUNDS = 3
+#: ... of parts at least this large (pixels, and share of the template's)
+MIN_PART_PIXELS = 8
+PART_SHARE = 0.01
 #: ... and the grown template may hold at most this many times the pixels it had
 MAX_GROWTH = 2.0
 #: two candidates are one mark when their shapes correlate this well
@@ -96,6 +109,12 @@ AGREE_FRAMES = 4
 #: edge energy under it (entering) / keeps it present below the second (staying)
 ENTER_RATIO = 0.92
 STAY_RATIO = 1.0
+#: still camera: the opacity and colour are fitted again on the mark's solid core
+#: when it has this many pixels and its background this spread (grey levels)
+CORE_PIXELS = 24
+CORE_SPREAD = 6.0
+#: ... and the matte read from luma alone where it differs from the background's by this
+LUMA_CONTRAST = 25.0
 #: report.json's mark mask: the pixels where the mark's shape exceeds this
 MASK_LEVEL = 0.1
 
@@ -495,24 +514,54 @@ class AutoPlanner:
                 continue
             claimed.add(id(seed))
             spots, members = [pos], [seed]
-            for d in data:
-                if id(d) in claimed:
-                    continue
-                found = self._find_in(d, tmpl)
-                if found is None:
-                    continue
-                claimed.add(id(d))
-                if all(abs(found[0] - y) + abs(found[1] - x) > 4 for y, x in spots):
-                    spots.append(found)
-                    members.append(d)
-                self.rejected = [r for r in self.rejected if r.get("_id") != id(d)]
-            if not still:
+            self._claim(tmpl, data, claimed, spots, members)
+            # Moving scene: the template pooled over the spots and grown to the
+            # whole mark (where a seed's box had cut it) is looked for again,
+            # once, if it grew, among the candidates the blend model explained
+            # (each search is an NCC over a spot's frames: ~0.15 s at 720p).
+            for again in (True, False):
+                if still:
+                    break
                 tmpl, spots = self._pool_shape(tmpl, spots, members)
+                pooled = tmpl
+                for _ in range(GROW_ROUNDS):
+                    before = tmpl.shape
+                    tmpl, spots = self._grow_shape(tmpl, spots, members)
+                    if tmpl.shape == before:
+                        break
+                if not again or tmpl is pooled:
+                    break
+                if not self._claim(tmpl, accepted, claimed, spots, members):
+                    break
             found_marks.append((tmpl, spots, members))
         for tmpl, spots, members in _merge_parts(found_marks, self._find_in):
             self._make_mark(tmpl, spots, members, still=still)
         for r in self.rejected:
             r.pop("_id", None)
+
+    def _claim(
+        self,
+        tmpl: torch.Tensor,
+        data: list[_SpotData],
+        claimed: set[int],
+        spots: list[tuple[int, int]],
+        members: list[_SpotData],
+    ) -> bool:
+        """Add the spots not yet claimed that show `tmpl` to a mark's; whether any was new."""
+        more = False
+        for d in data:
+            if id(d) in claimed:
+                continue
+            found = self._find_in(d, tmpl)
+            if found is None:
+                continue
+            claimed.add(id(d))
+            if all(abs(found[0] - y) + abs(found[1] - x) > 4 for y, x in spots):
+                spots.append(found)
+                members.append(d)
+                more = True
+            self.rejected = [r for r in self.rejected if r.get("_id") != id(d)]
+        return more
 
     def _pool_shape(
         self, tmpl: torch.Tensor, spots: list[tuple[int, int]], members: list[_SpotData]
@@ -562,6 +611,129 @@ class AutoPlanner:
             # grown far past the part the boxes found: background came with it
             return tmpl, spots
         return out, [(sy - g + ty0, sx - g + tx0) for sy, sx in spots]
+
+    def _grow_shape(
+        self, tmpl: torch.Tensor, spots: list[tuple[int, int]], members: list[_SpotData]
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The template again from the median of all its spots' frames, grown to the mark.
+
+        One spot's median keeps some of its background and its detection box
+        may have cut part of the mark (a glyph beside the word, a last
+        letter); over all spots the backgrounds differ and the mark is what
+        stays. The median is taken over a window reaching `REACH` times the
+        template's height past it on every side (per pixel over the spots
+        whose crops hold it); a stroke counts only where it stands out of
+        every one of those spots' own medians (scene content one spot's few
+        frames kept does not), and parts are added while one lies within
+        `LINK_SHARE` of the mark's height of what is kept: a mark's parts sit
+        closer together than that.
+        """
+        th, tw = tmpl.shape
+        reach = max(GROW, round(REACH * th))
+        # the template's origin in each spot's crop (it lies inside every crop)
+        origins = [(sy - d.y0, sx - d.x0) for (sy, sx), d in zip(spots, members, strict=True)]
+        # as far as some spot's crop reaches, and at every spot inside the frame
+        fh, fw = self.r.info.height, self.r.info.width
+        top = min(reach, max(oy for oy, _ in origins), *(sy for sy, _ in spots))
+        left = min(reach, max(ox for _, ox in origins), *(sx for _, sx in spots))
+        bottom = min(
+            reach,
+            max(d.h - oy - th for (oy, _), d in zip(origins, members, strict=True)),
+            *(fh - sy - th for sy, _ in spots),
+        )
+        right = min(
+            reach,
+            max(d.w - ox - tw for (_, ox), d in zip(origins, members, strict=True)),
+            *(fw - sx - tw for _, sx in spots),
+        )
+        if min(top, left, bottom, right) < 0:
+            return tmpl, spots
+        wh, ww = th + top + bottom, tw + left + right
+        # each spot's frames in the window (NaN where its crop ends)
+        stacks = []
+        for (oy, ox), d in zip(origins, members, strict=True):
+            y0, x0 = oy - top, ox - left
+            cy0, cx0 = max(y0, 0), max(x0, 0)
+            cy1, cx1 = min(y0 + wh, d.h), min(x0 + ww, d.w)
+            s = np.full((len(d.on_y), wh, ww), np.nan, np.float32)
+            s[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = np.stack(d.on_y)[:, cy0:cy1, cx0:cx1]
+            stacks.append((s, (cy0 - y0, cy1 - y0, cx0 - x0, cx1 - x0)))
+        every = np.concatenate([s for s, _ in stacks])
+        # One threshold over every spot's frames, on the template's box (inside
+        # every crop): a spot whose frames seldom show the mark (a faint mark
+        # over busy texture) would otherwise have its best-looking junk frames
+        # called "showing".
+        core = torch.from_numpy(every[:, top : top + th, left : left + tw])
+        shows = _shows(core, tmpl).numpy()
+        if int(shows.sum()) < 8:
+            return tmpl, spots
+        showing = every[shows]
+        thin = np.isfinite(showing).sum(0) < 8
+        with warnings.catch_warnings():
+            # pixels no spot's crop holds are all NaN (and then `thin`)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pooled = np.nanmedian(showing, axis=0)
+        pooled = np.where(thin, np.nanmean(pooled[~thin]), pooled).astype(np.float32)
+        canvas = np.zeros((wh, ww), np.float32)
+        canvas[top : top + th, left : left + tw] = tmpl.numpy()
+        own = canvas > 0.15
+        near = cv2.dilate(own.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        sign, level = _polarity(showing, pooled, near & ~thin)
+        # The least contrast over the spots holding a pixel, each spot's frames
+        # in an early and a late half: the mark stays where it is while the
+        # scene moves, so what one spot's median (or one half of it) kept of the
+        # scene does not stand out of every one of them.
+        least = np.full((wh, ww), np.inf, np.float32)
+        k = 0
+        for s, (y0, y1, x0, x1) in stacks:
+            own_frames = s[shows[k : k + len(s)], y0:y1, x0:x1]
+            k += len(s)
+            half = len(own_frames) // 2
+            for part in (own_frames[:half], own_frames[half:]) if half >= 3 else (own_frames,):
+                if len(part) < 3:
+                    continue
+                hp = _highpass(median0(torch.from_numpy(part))[None])[0].numpy()
+                least[y0:y1, x0:x1] = np.minimum(least[y0:y1, x0:x1], sign * hp)
+        strokes = (least > 0.25 * level) & np.isfinite(least) & ~thin
+        on_own = strokes & own
+        if not on_own.any():
+            return tmpl, spots
+        new = _shape_in_median(pooled, on_own, strokes, sign)
+        new[torch.from_numpy(thin)] = 0
+        # Parts are linked within a share of the mark's height (the template's
+        # rows, robust to a few specks); specks do not carry the link on.
+        lo, hi = np.quantile(np.nonzero(own)[0], [0.02, 0.98])
+        link = max(2, round(LINK_SHARE * (hi - lo + 1)))
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(
+            (new > 0.15).numpy().astype(np.uint8)
+        )
+        speck = max(MIN_PART_PIXELS, PART_SHARE * int(own.sum()))
+        labels[np.isin(labels, np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < speck))] = 0
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * link + 1, 2 * link + 1))
+        kept, parts = own.copy(), set()
+        while True:
+            reach_of = cv2.dilate(kept.astype(np.uint8), kernel) > 0
+            more = set(np.unique(labels[reach_of]).tolist()) - {0} - parts
+            if not more:
+                break
+            parts |= more
+            kept |= np.isin(labels, sorted(more))
+        # Not within 2 px of the template's own parts: there the two estimates'
+        # edges differ by a fringe, not by a part of the mark.
+        added = np.isin(labels, sorted(parts)) & ~near
+        if not added.any():
+            return tmpl, spots
+        added = cv2.dilate(added.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        grown = np.where(own, canvas, np.where(added, new.numpy(), 0.0))
+        ys_, xs_ = np.nonzero(grown > 0.02)
+        ty0, tx0 = int(ys_.min()), int(xs_.min())
+        out = torch.from_numpy(
+            np.ascontiguousarray(grown[ty0 : ys_.max() + 1, tx0 : xs_.max() + 1], np.float32)
+        )
+        if int((out > 0.2).sum()) > MAX_GROWTH * int((tmpl > 0.2).sum()):
+            # grown far past the part the boxes found: background came with it
+            return tmpl, spots
+        return out, [(sy - top + ty0, sx - left + tx0) for sy, sx in spots]
 
     def _template_of(self, d: _SpotData) -> tuple[torch.Tensor | None, tuple[int, int]]:
         """The spot's shape cleaned and trimmed to the mark, and its top-left in the frame."""
@@ -729,6 +901,14 @@ class AutoPlanner:
             colour=tuple(float(c) for c in colour),  # type: ignore[arg-type]
         )
         assert region.shape is not None
+        if still and region.noise_y is not None and _inversion_beats_fill(region, items):
+            # The hybrid's noise model splits inversion's and the fill's errors
+            # by how they grow with the matte and the distance to known pixels,
+            # which a solid glyph's middle confounds (measured: inversion judged
+            # 190 times worse than the fill where it was 500 times better). A
+            # still camera shows the truth: the frames without the mark.
+            region.noise_y = None
+            region.alpha_stats["noise_y"] = "inversion beats the fill on the frames without it"
         region.shape = region.shape[oy : oy + th, ox : ox + tw].contiguous()
         region.template = True
         region._alphas.clear()
@@ -906,10 +1086,108 @@ def _refine_still(items: list, n_spots: int) -> tuple[torch.Tensor, torch.Tensor
     if not pairs:
         return None
     a, w = blend_fit(pairs)
+    a, w = _refit_on_core(pairs, a, w)
     ring = border_mask(a.shape[0], a.shape[1], 3, a.device)
     noise = float(a[ring].std())
     a = torch.where(a > max(3 * noise, 0.02), a, torch.zeros_like(a))
     return a, w
+
+
+def _refit_on_core(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], a: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Opacity and colour again from the mark's solid core, then the matte given them.
+
+    The alternating per-pixel fit (`blend_fit`) trades the opacity against
+    the colour (`a (W - I)` is nearly the same for a little less `a` and a
+    little more `W` over a mid-grey background) and is pulled by the edges,
+    where chroma (4:2:0, upsampled by repetition) does not follow the matte:
+    measured 0.55 for 0.6 with a yellow whose luma was read 202 for 190.
+    Inside the core every pixel has the same `a = o`, so over the core
+    `J - I = o W - o I` is linear in the background I, whose variety pins
+    both down: one least squares over the three planes, `o` shared.
+    """
+    # The background's exposure when the mark is on and when it is off differs
+    # (a drift over time): per plane, the gain between the two medians where
+    # the matte is clear of the mark.
+    clear = torch.from_numpy(
+        cv2.dilate((a > 0.01).to(torch.uint8).numpy(), np.ones((5, 5), np.uint8)) == 0
+    )
+    if int(clear.sum()) >= CORE_PIXELS:
+        pairs = [
+            (
+                j,
+                i
+                * (
+                    (j[:, clear] * i[:, clear]).sum(1) / (i[:, clear] ** 2).sum(1).clamp_min(1.0)
+                ).view(3, 1, 1),
+            )
+            for j, i in pairs
+        ]
+    # solid pixels whose whole 2x2 chroma block is solid (crops start on even pixels)
+    h2, w2 = a.shape[0] // 2, a.shape[1] // 2
+    top = float(torch.quantile(a[a > 0.05], 0.95)) if bool((a > 0.05).any()) else 0.0
+    solid = a[: 2 * h2, : 2 * w2] >= 0.8 * top
+    blocks = solid.reshape(h2, 2, w2, 2).all(3).all(1)
+    core = torch.zeros_like(a, dtype=torch.bool)
+    core[: 2 * h2, : 2 * w2] = blocks.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    if int(core.sum()) < CORE_PIXELS:
+        return a, w
+    i = torch.cat([i[:, core] for _, i in pairs], 1).double()  # (3, N)
+    d = torch.cat([(j - i)[:, core] for j, i in pairs], 1).double()
+    n = i.shape[1]
+    if float(i.std(1).norm()) < CORE_SPREAD:  # a flat background: o and W are not told apart
+        return a, w
+    # unknowns (o W_Y, o W_U, o W_V, o): d_c = (o W_c) - o I_c
+    design = torch.zeros(3 * n, 4, dtype=torch.float64)
+    for c in range(3):
+        design[c * n : (c + 1) * n, c] = 1.0
+        design[c * n : (c + 1) * n, 3] = -i[c]
+    sol = torch.linalg.lstsq(design, d.reshape(-1, 1)).solution[:, 0]
+    o = float(sol[3])
+    if not MIN_OPACITY <= o < MAX_OPACITY:
+        return a, w
+    w = (sol[:3] / o).float().clamp(0, 255)
+    # The matte given the colour: from luma alone where the mark's luma is far
+    # from the background's (chroma, upsampled, does not follow the matte at
+    # its edges), from all three planes elsewhere.
+    num = torch.zeros(3, *a.shape)
+    den = torch.zeros(3, *a.shape)
+    for j, i_off in pairs:
+        wi = w.view(3, 1, 1) - i_off
+        num += (j - i_off) * wi
+        den += wi * wi
+    every = num.sum(0) / den.sum(0).clamp_min(1.0)
+    luma = num[0] / den[0].clamp_min(1.0)
+    sure = den[0] >= len(pairs) * LUMA_CONTRAST**2
+    return torch.where(sure, luma, every).clamp(0, 0.98), w
+
+
+def _inversion_beats_fill(region: Region, items: list) -> bool:
+    """Still camera: whether inverting the mark's typical frame at each spot comes closer
+    to the spot's typical frame without it than filling the mark does (luma)."""
+    assert region.shape is not None and region.colour_y is not None
+    alpha = (region.shape * region.opacity).cpu()
+    mask = alpha > 0.02
+    if not bool(mask.any()):
+        return False
+    m = mask.to(torch.uint8).numpy() * 255
+    err_inv = err_fill = 0.0
+    for si in sorted({s for s, _, _, _ in items}):
+        on = [y for s, y, _, o in items if s == si and o]
+        off = [y for s, y, _, o in items if s == si and not o]
+        if not on or not off:
+            continue
+        j = median0(torch.from_numpy(np.stack(on)).float())
+        i = median0(torch.from_numpy(np.stack(off)).float())
+        clear = ~torch.from_numpy(cv2.dilate(m, np.ones((5, 5), np.uint8)) > 0)
+        if bool(clear.any()):  # the exposure may have drifted between the two
+            i = i * float((j[clear] * i[clear]).sum() / (i[clear] ** 2).sum().clamp_min(1.0))
+        inv = invert_blend(j[None, None], alpha, region.colour_y.cpu()[:1])[0, 0]
+        fill = fill_crops(j[None, None], m, region.opts_y or RestoreOptions())[0, 0]
+        err_inv += float(((inv - i)[mask] ** 2).sum())
+        err_fill += float(((fill - i)[mask] ** 2).sum())
+    return 0 < err_inv < err_fill
 
 
 def _refine_moving(
@@ -979,6 +1257,49 @@ def _merge_parts(
         else:
             out.append((tmpl, list(spots), list(members)))
     return out
+
+
+def _polarity(frames: np.ndarray, median: np.ndarray, box: np.ndarray) -> tuple[float, float]:
+    """Whether the mark in `box` is lighter (+1) or darker (-1) than the scene, and its
+    typical high-passed contrast in the frames' `median` (h, w).
+
+    By the blend model: under the mark the scene's spread over the frames
+    (K, h, w; NaN where not seen) shrinks by (1 - a), so of the two sides of
+    the mark's edges (high-pass above and below zero) the mark's is the one
+    that varies less. A template seeded from a spot may have either polarity
+    (the median's shape can be the scene around the strokes); this does not
+    depend on it.
+    """
+    hp = _highpass(torch.from_numpy(median)[None])[0].numpy()
+    edge = float(np.quantile(np.abs(hp[box]), 0.9)) * 0.25
+    light, dark = box & (hp > edge), box & (hp < -edge)
+    if not light.any() or not dark.any():
+        return 1.0, float(np.quantile(np.abs(hp[box]), 0.95))
+    spread_light = float(np.median(np.nanstd(frames[:, light], axis=0)))
+    spread_dark = float(np.median(np.nanstd(frames[:, dark], axis=0)))
+    sign = 1.0 if spread_light <= spread_dark else -1.0
+    return sign, float(np.quantile(sign * hp[box], 0.95))
+
+
+def _shape_in_median(
+    pooled: np.ndarray, known: np.ndarray, strokes: np.ndarray, sign: float
+) -> torch.Tensor:
+    """The shape (h, w) in [0, 1] of `strokes` in a median image, on the scale of `known`.
+
+    The strokes grown a little, with the holes they enclose, are filled from
+    around (OpenCV Telea) for the background; the shape is the median's
+    difference to it (with the mark's sign) over that difference at the
+    known part.
+    """
+    grown = cv2.dilate(strokes.astype(np.uint8), np.ones((5, 5), np.uint8))
+    outside = grown.copy()
+    cv2.floodFill(outside, np.zeros((grown.shape[0] + 2, grown.shape[1] + 2), np.uint8), (0, 0), 1)
+    under = ((grown > 0) | (outside == 0)).astype(np.uint8) * 255
+    background = cv2.inpaint(pooled, under, 3, cv2.INPAINT_TELEA)
+    proj = sign * (pooled - background)
+    scale = max(float(np.quantile(proj[known], 0.95)), 1e-3)
+    shape = np.where(under > 0, np.clip(proj / scale, 0, 1), 0)
+    return torch.from_numpy(shape.astype(np.float32))
 
 
 def _consecutive(

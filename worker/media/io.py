@@ -200,7 +200,20 @@ class VideoWriter:
             raise
 
     def write(self, frame: av.VideoFrame) -> None:
-        """Encode one frame (its pts and time base are kept)."""
+        """Encode one frame (its pts and time base are kept).
+
+        The bytes past each plane's width (up to its line size) are set to 0
+        first: libx264 reads them (zeroing them changed a 432x240 crf 0
+        stream's bytes), and a decoded frame's padding holds whatever its
+        pooled buffer held before, so the stream depended on it (as the
+        benchmark's inputs did, see `synth._zero_padding`).
+        """
+        if any(p.line_size > p.width for p in frame.planes):
+            frame.make_writable()
+            for plane in frame.planes:
+                if plane.line_size > plane.width:
+                    rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
+                    rows[:, plane.width :] = 0
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
         self.frames += 1
