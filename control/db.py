@@ -225,7 +225,7 @@ class StatementRunner:
         rowcount = int(tail) if tail.isdigit() else -1
         rows = []
         for record in records:
-            mapping = dict(record.items())
+            mapping = dict(zip(record.keys(), record.values(), strict=True))
             for name in c.json_columns:
                 value = mapping.get(name)
                 if isinstance(value, str):
