@@ -60,6 +60,12 @@ for _state in JOB_STATES:
     JOBS.labels(state=_state)
 
 
+def count_by_type(counter: Counter, job_types: Iterable[str]) -> None:
+    """Add each job type's number of occurrences to `counter` (labelled by type), once a type."""
+    for job_type, n in collections.Counter(job_types).items():
+        counter.labels(type=job_type).inc(n)
+
+
 def count_finished(transitions: Iterable[Any]) -> None:
     """Count the transitions (`control.store.dispatch.Transition`) that ended a job."""
     counts = collections.Counter(

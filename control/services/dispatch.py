@@ -31,7 +31,6 @@ import os
 import socket
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -788,8 +787,7 @@ class Dispatcher:
                 # Claimable since it was created, or since not_before (delays, retries, requeues).
                 ready_since = max(row["created_at"], row["not_before"])
                 metrics.DISPATCH_LATENCY.observe(max(0.0, (sent - ready_since).total_seconds()))
-            for job_type, n in Counter(row["type"] for row in result.jobs).items():
-                metrics.DISPATCHED.labels(type=job_type).inc(n)
+            metrics.count_by_type(metrics.DISPATCHED, (row["type"] for row in result.jobs))
         if error is not None:
             if not is_bad_value(error):
                 raise error

@@ -16,8 +16,7 @@ import json
 import logging
 import os
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -204,6 +203,14 @@ def validate_spec(
     )
 
 
+async def in_turns(items: Iterable[T]) -> AsyncIterator[tuple[int, T]]:
+    """`enumerate(items)`, yielding to the event loop every YIELD_EVERY items."""
+    for i, item in enumerate(items):
+        if i and not i % YIELD_EVERY:
+            await asyncio.sleep(0)
+        yield i, item
+
+
 def new_job_ids(n: int) -> list[uuid.UUID]:
     """`n` random (version 4) UUIDs from one read of the OS's random source."""
     raw = os.urandom(16 * n)
@@ -336,9 +343,7 @@ class JobsService:
         new_jobs: list[NewJob] = []
         seen: set[str] = set()
         ids = new_job_ids(len(specs))
-        for i, spec in enumerate(specs):
-            if i and not i % YIELD_EVERY:
-                await asyncio.sleep(0)
+        async for i, spec in in_turns(specs):
             job = validate_spec(spec, f"jobs[{i}]", self.settings.default_max_attempts,
                                 job_id=ids[i])  # fmt: skip
             if job.request_id is not None:
@@ -370,9 +375,9 @@ class JobsService:
         rows = await (self._tx if seen else self._one)(work)
         # Committed: count the jobs this batch created (not the deduplicated ones).
         created = {job.id for job in new_jobs}
-        by_type = Counter(row["type"] for row in rows if row["id"] in created)
-        for job_type, n in by_type.items():
-            metrics.SUBMITTED.labels(type=job_type).inc(n)
+        metrics.count_by_type(
+            metrics.SUBMITTED, (row["type"] for row in rows if row["id"] in created)
+        )
         return rows
 
     # ------------------------------------------------------------ read
