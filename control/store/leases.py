@@ -180,21 +180,20 @@ async def force_cancel_overdue(
     )
 
 
+#: SET value giving a running attempt a lease of at least :lease_ms from :now
+LEASE_AT_LEAST_SQL = (
+    "greatest(lease_expires_at, CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond')"
+)
+
 # After the database was unreachable: every running attempt gets at least one
 # more lease from now (heartbeats could not land meanwhile, so a lease that ran
 # out then says nothing about its worker).
 _EXTEND_RUNNING_SQL = sa.text(
-    """
-    UPDATE jobs SET lease_expires_at = greatest(
-        lease_expires_at, CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond')
-    WHERE state = 'running'
-    """
+    f"UPDATE jobs SET lease_expires_at = {LEASE_AT_LEAST_SQL} WHERE state = 'running'"
 )
 
 
 async def extend_running_leases(session: AsyncSession, now: datetime, *, lease_s: float) -> int:
     """Give every RUNNING attempt a lease of at least `lease_s` from `now`; returns how many."""
-    result = await session.execute(
-        _EXTEND_RUNNING_SQL, {"now": now, "lease_ms": int(lease_s * 1000)}
-    )
+    result = await session.execute(_EXTEND_RUNNING_SQL, {"now": now, "lease_ms": ms(lease_s)})
     return int(getattr(result, "rowcount", 0) or 0)

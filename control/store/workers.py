@@ -15,6 +15,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control.store.dispatch import ms
+from control.store.leases import LEASE_AT_LEAST_SQL
+
 # A Hello: create or refresh the worker's row and mark it connected here — only
 # when the id is new or registered to the same owner (the key's tenant/role).
 _UPSERT_SQL = sa.text(
@@ -141,14 +144,13 @@ async def mark_replica_disconnected(session: AsyncSession, replica: str, now: da
 # heartbeat could land, so a lease that ran out says nothing about the worker,
 # which now has that long to reconnect (elsewhere) before the reaper takes them.
 _DISCONNECT_STALE_SQL = sa.text(
-    """
+    f"""
     WITH gone AS (
         UPDATE workers SET connected = false, disconnected_at = CAST(:now AS timestamptz)
         WHERE connected AND last_heartbeat_at < CAST(:before AS timestamptz)
         RETURNING id
     ), extended AS (
-        UPDATE jobs SET lease_expires_at = greatest(
-            lease_expires_at, CAST(:now AS timestamptz) + :lease_ms * interval '1 millisecond')
+        UPDATE jobs SET lease_expires_at = {LEASE_AT_LEAST_SQL}
         WHERE state = 'running' AND worker_id IN (SELECT id FROM gone)
         RETURNING 1
     )
@@ -164,7 +166,7 @@ async def mark_stale_disconnected(
     their RUNNING attempts a lease of `lease_s` from `now`; returns (workers, attempts)."""
     row = (
         await session.execute(
-            _DISCONNECT_STALE_SQL, {"before": before, "now": now, "lease_ms": int(lease_s * 1000)}
+            _DISCONNECT_STALE_SQL, {"before": before, "now": now, "lease_ms": ms(lease_s)}
         )
     ).one()
     return int(row.workers), int(row.attempts)
