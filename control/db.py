@@ -245,6 +245,41 @@ async def _no_reset(_conn: Any) -> None:
 # ---------------------------------------------------------------- the database
 
 
+class _LazyPool:
+    """An asyncpg pool opened on first use (a Database made at import opens nothing)."""
+
+    def __init__(self, url: str, max_size: int, **server_settings: str) -> None:
+        self.url = url
+        self.max_size = max_size
+        self.server_settings = server_settings
+        self.pool: asyncpg.Pool | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> asyncpg.Pool:
+        if self.pool is None:
+            async with self._lock:
+                if self.pool is None:
+                    self.pool = await asyncpg.create_pool(
+                        self.url,
+                        min_size=0,
+                        max_size=self.max_size,
+                        max_inactive_connection_lifetime=POOL_IDLE_S,
+                        reset=_no_reset,
+                        statement_cache_size=STATEMENTS_PER_CONNECTION,
+                        server_settings=self.server_settings or None,
+                    )
+        return self.pool
+
+    async def close(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), DISPOSE_WAIT_S)
+        except Exception:
+            pool.terminate()
+
+
 class Database:
     """One asyncpg pool (the data layer) and one SQLAlchemy engine (ORM sessions) per process."""
 
@@ -260,37 +295,9 @@ class Database:
             pool_recycle=3600,
         )
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._pool: asyncpg.Pool | None = None
-        self._claim_pool: asyncpg.Pool | None = None
-        self._pool_lock = asyncio.Lock()
+        self._pool = _LazyPool(self.url, self.max_size)
+        self._claim_pool = _LazyPool(self.url, CLAIM_CONNECTIONS, **CLAIM_PLANNER_SETTINGS)
         self._shielded: set[asyncio.Task[object]] = set()
-
-    def _create_pool(self, max_size: int, **server_settings: str) -> Awaitable[asyncpg.Pool]:
-        return asyncpg.create_pool(
-            self.url,
-            min_size=0,
-            max_size=max_size,
-            max_inactive_connection_lifetime=POOL_IDLE_S,
-            reset=_no_reset,
-            statement_cache_size=STATEMENTS_PER_CONNECTION,
-            server_settings=server_settings or None,
-        )
-
-    async def _get_pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            async with self._pool_lock:
-                if self._pool is None:
-                    self._pool = await self._create_pool(self.max_size)
-        return self._pool
-
-    async def _get_claim_pool(self) -> asyncpg.Pool:
-        if self._claim_pool is None:
-            async with self._pool_lock:
-                if self._claim_pool is None:
-                    self._claim_pool = await self._create_pool(
-                        CLAIM_CONNECTIONS, **CLAIM_PLANNER_SETTINGS
-                    )
-        return self._claim_pool
 
     @contextlib.asynccontextmanager
     async def autocommit(self) -> AsyncIterator[StatementRunner]:
@@ -299,28 +306,28 @@ class Database:
         For work that is one statement (or reads that need no common snapshot):
         no BEGIN/COMMIT round trips.
         """
-        pool = await self._get_pool()
+        pool = await self._pool.get()
         async with pool.acquire() as conn:
             yield StatementRunner(conn)
 
     @contextlib.asynccontextmanager
     async def claiming(self) -> AsyncIterator[StatementRunner]:
         """An autocommit connection for claim statements (`CLAIM_PLANNER_SETTINGS`)."""
-        pool = await self._get_claim_pool()
+        pool = await self._claim_pool.get()
         async with pool.acquire() as conn:
             yield StatementRunner(conn)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[StatementRunner]:
         """A pooled connection in a transaction, committed at the end (rolled back on error)."""
-        pool = await self._get_pool()
+        pool = await self._pool.get()
         async with pool.acquire() as conn, conn.transaction():
             yield StatementRunner(conn)
 
     @contextlib.asynccontextmanager
     async def rolled_back(self) -> AsyncIterator[StatementRunner]:
         """A pooled connection in a transaction that is always rolled back (a dry run)."""
-        pool = await self._get_pool()
+        pool = await self._pool.get()
         async with pool.acquire() as conn:
             tx = conn.transaction()
             await tx.start()
@@ -335,10 +342,11 @@ class Database:
 
     def pool_stats(self) -> tuple[int, int]:
         """(connections in use, connections open) of the data-layer pool."""
-        if self._pool is None:
+        pool = self._pool.pool
+        if pool is None:
             return 0, 0
-        size = self._pool.get_size()
-        return size - self._pool.get_idle_size(), size
+        size = pool.get_size()
+        return size - pool.get_idle_size(), size
 
     async def shielded(self, work: Awaitable[T]) -> T:
         """Run `work` to completion even if the caller is cancelled.
@@ -361,12 +369,6 @@ class Database:
         """Wait (briefly) for shielded work still running, then close every pooled connection."""
         if self._shielded:
             await asyncio.wait(list(self._shielded), timeout=DISPOSE_WAIT_S)
-        for pool in (self._pool, self._claim_pool):
-            if pool is None:
-                continue
-            try:
-                await asyncio.wait_for(pool.close(), DISPOSE_WAIT_S)
-            except Exception:
-                pool.terminate()
-        self._pool = self._claim_pool = None
+        await self._pool.close()
+        await self._claim_pool.close()
         await self.engine.dispose()

@@ -54,9 +54,8 @@ class WatcherQueue:
             self.lagging = True
             return
         self._events.append(event)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiter is not None:
+            _wake(self._waiter)
 
     async def next(self, timeout_s: float) -> Row | None:
         """The next event, or None when none came within `timeout_s`."""
