@@ -271,13 +271,16 @@ class _LazyPool:
         return self.pool
 
     async def close(self) -> None:
-        pool, self.pool = self.pool, None
+        pool = self.pool
         if pool is None:
             return
+        # Forgotten only once closed: work arriving meanwhile gets the closing pool's
+        # error instead of opening a new pool that nothing would close.
         try:
             await asyncio.wait_for(pool.close(), DISPOSE_WAIT_S)
         except Exception:
             pool.terminate()
+        self.pool = None
 
 
 class Database:
