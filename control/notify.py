@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import asyncpg
@@ -33,6 +33,9 @@ CANCEL_CHANNEL = "spool_cancel"
 CHANNELS = (JOBS_CHANNEL, EVENTS_CHANNEL, CANCEL_CHANNEL)
 #: channels whose payload is a job id, or many joined by commas
 ID_CHANNELS = (EVENTS_CHANNEL, CANCEL_CHANNEL)
+
+#: takes events this process committed (job_events rows), in commit order
+EventSink = Callable[[Iterable[Mapping[str, Any]]], None]
 
 #: The payload every subscriber receives after a reconnect: re-read everything.
 WILDCARD = ""
@@ -115,6 +118,7 @@ class Notifier:
             lambda: defaultdict(set)
         )
         self._listening: set[str] = set()
+        self._event_sinks: list[EventSink] = []
         self._reconnect_task: asyncio.Task[None] | None = None
         self._stopped = False
         #: how many times the LISTEN connection was re-established
@@ -156,6 +160,26 @@ class Notifier:
         for key in keys:
             for sub in [*every, *by_key.get(key, ())]:
                 sub._offer(key)
+
+    def add_event_sink(self, sink: EventSink) -> None:
+        """Also receive the events this process commits (`publish_events`)."""
+        self._event_sinks.append(sink)
+
+    def remove_event_sink(self, sink: EventSink) -> None:
+        with contextlib.suppress(ValueError):
+            self._event_sinks.remove(sink)
+
+    def publish_events(self, events: Iterable[Mapping[str, Any]]) -> None:
+        """Hand committed events to this process's sinks at once (their NOTIFY follows).
+
+        Only for statements that have committed when they return (autocommit).
+        `events` may be lazy: a sink with no use for it does not iterate it.
+        """
+        sinks = self._event_sinks
+        if len(sinks) > 1:
+            events = tuple(events)
+        for sink in sinks:
+            sink(events)
 
     def _on_terminated(self, _conn: Any) -> None:
         if self._stopped:

@@ -480,8 +480,9 @@ class WorkerSession:
             for msg in msgs:
                 if isinstance(msg, Heartbeat):
                     await self._heartbeat(s, msg, now, after)
+            events: list[Mapping[str, Any]] = []
             if progress:
-                await store.write_progress(s, self.worker_id, progress, now)
+                events += await store.write_progress(s, self.worker_id, progress, now)
             finished: list[store.Transition] = []
             for run in _runs(outcomes):
                 moved = await self._outcomes(s, run, now)
@@ -489,6 +490,10 @@ class WorkerSession:
                     acks.append(self._settled(msg, t, after))
                     if t is not None:
                         finished.append(t)
+        # Committed: this replica's watchers need not wait for the NOTIFY.
+        self.dispatcher.notifier.publish_events(
+            itertools.chain(events, (t.event for t in finished))
+        )
         if finished:
             after.append(lambda: metrics.count_finished(finished))
         # Committed (only this task touches the pending progress).

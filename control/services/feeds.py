@@ -5,6 +5,12 @@ the job's `spool_events` hints, reads the new `job_events` rows once and hands
 them to every local watcher's bounded queue. A watcher whose queue overflows is
 marked lagging and catches up from the database itself, so a slow client never
 holds back the others and never loses an event.
+
+Events this replica commits itself (a worker's outcome or progress applied
+here) are handed to the feed directly (`Notifier.publish_events`): when such an
+event is the next one in seq, watchers get it without waiting for the NOTIFY
+and reading it back. Anything else (a gap, an event committed elsewhere) still
+comes through the hint and the read, which skips what was already handed on.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from control.notify import EVENTS_CHANNEL, Notifier
@@ -114,11 +120,26 @@ class JobFeed:
         catches up from the database, so a late start never loses an event.
         """
         if not self._start.done():
+            self._last_seq = last_seq
             self._start.set_result(last_seq)
+
+    def deliver(self, event: Row) -> None:
+        """An event this replica committed: to the watchers now if it is the next one.
+
+        Otherwise (the feed has not started, or an event in between is still to
+        be read) it is left to the read its NOTIFY brings.
+        """
+        if self._start.done() and event["seq"] == self._last_seq + 1 and self.alive:
+            self._fan_out(event)
+
+    def _fan_out(self, event: Row) -> None:
+        self._last_seq = event["seq"]
+        for watcher in self.watchers:
+            watcher.offer(event)
 
     async def _run(self) -> None:
         try:
-            self._last_seq = await self._start
+            await self._start
             while True:
                 await self._hints.get(FEED_POLL_S)
                 self._hints.drain()
@@ -135,9 +156,9 @@ class JobFeed:
         while True:
             events = await self._read_events(self.job_id, self._last_seq, self._batch)
             for event in events:
-                self._last_seq = event["seq"]
-                for watcher in self.watchers:
-                    watcher.offer(event)
+                # Handed on already while the read was in flight (`deliver`)?
+                if event["seq"] > self._last_seq:
+                    self._fan_out(event)
             if len(events) < self._batch:
                 return
 
@@ -155,6 +176,16 @@ class FeedHub:
         self._read_events = read_events
         self._batch = batch
         self._feeds: dict[uuid.UUID, JobFeed] = {}
+        notifier.add_event_sink(self.deliver)
+
+    def deliver(self, events: Iterable[Mapping[str, Any]]) -> None:
+        """Events this replica committed (in commit order): to their jobs' feeds, if any."""
+        if not self._feeds:
+            return
+        for event in events:
+            feed = self._feeds.get(event["job_id"])
+            if feed is not None:
+                feed.deliver(event)
 
     def join(self, job_id: uuid.UUID) -> tuple[JobFeed, WatcherQueue]:
         """Attach a watcher to the job's feed; events committed after this reach it.
@@ -181,6 +212,7 @@ class FeedHub:
 
     async def close(self) -> None:
         """Stop every feed (server shutdown)."""
+        self._notifier.remove_event_sink(self.deliver)
         feeds = list(self._feeds.values())
         self._feeds.clear()
         for feed in feeds:

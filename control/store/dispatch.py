@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control.schema import jobs
+from control.schema import job_events, jobs
 from control.store import machine
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # Result columns of queries returning whole job rows, typed so JSONB decodes.
 _JOB_COLUMN_TYPES = {c.name: c.type for c in jobs.c}
+_EVENT_TYPES = {c.name: c.type for c in job_events.c}
 
 
 #: a jobs row as returned by the claim (column name → value)
@@ -61,6 +62,13 @@ class Transition:
     state: str
     attempt: int
     worker_id: str | None
+    #: the statement's row, which carries the event it appended (`machine.event_of`)
+    row: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The event the transition appended, as `job_events` reads it back."""
+        return machine.event_of(self.row)
 
 
 def ms(td: timedelta | float) -> int:
@@ -455,6 +463,7 @@ def transition_from_row(row: Any) -> Transition:
         state=m["state"],
         attempt=m["attempt"],
         worker_id=m["prev_worker"] if "prev_worker" in m else m["worker_id"],
+        row=m,
     )
 
 
@@ -683,9 +692,10 @@ async def release_attempt(
 
 
 # Progress of many attempts of one worker in one statement: a CAS per row on
-# (running, attempt, worker), a PROGRESS event each, a NOTIFY each.
+# (running, attempt, worker), a PROGRESS event each, one NOTIFY per NOTIFY_IDS jobs;
+# the events come back for this replica's own watchers.
 _PROGRESS_SQL = sa.text(
-    """
+    f"""
     WITH p AS (
         SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]),
                              CAST(:progress AS text[])) AS p(id, attempt, progress)
@@ -704,10 +714,14 @@ _PROGRESS_SQL = sa.text(
         INSERT INTO job_events (job_id, seq, kind, attempt, progress, worker_id, created_at)
         SELECT id, last_seq, 'progress', attempt, progress, :worker_id, CAST(:now AS timestamptz)
         FROM u
+        RETURNING *
+    ),
+    notes AS (
+        {machine.notify_sql(machine.EVENTS, "events", key="job_id::text")}
     )
-    SELECT u.id, pg_notify('spool_events', u.id::text)::text AS n FROM u
+    SELECT e.* FROM events AS e WHERE (SELECT count(*) FROM notes) IS NOT NULL
     """
-)
+).columns(**_EVENT_TYPES)
 
 
 async def write_progress(
@@ -715,14 +729,15 @@ async def write_progress(
     worker_id: str,
     updates: Sequence[tuple[str, int, Mapping[str, Any]]],
     now: datetime,
-) -> set[str]:
+) -> list[Mapping[str, Any]]:
     """Store the latest progress of several (job_id, attempt) of one worker.
 
-    Returns the job ids written; updates for attempts that are no longer running
-    on this worker are dropped silently (progress is not worth an IGNORED event).
+    Returns the PROGRESS events appended; updates for attempts that are no longer
+    running on this worker are dropped silently (progress is not worth an IGNORED
+    event).
     """
     if not updates:
-        return set()
+        return []
     args = {
         "ids": [u[0] for u in updates],
         "attempts": [u[1] for u in updates],
@@ -730,8 +745,7 @@ async def write_progress(
         "worker_id": worker_id,
         "now": now,
     }
-    rows = await session.execute(_PROGRESS_SQL, args)
-    return {str(r.id) for r in rows}
+    return [r._mapping for r in await session.execute(_PROGRESS_SQL, args)]
 
 
 _EXTEND_SQL = sa.text(

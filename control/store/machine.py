@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from control.schema import TERMINAL_STATES, jobs
+from control.schema import TERMINAL_STATES, job_events, jobs
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (
     "queued",
@@ -61,6 +61,15 @@ _NOW = "CAST(:now AS timestamptz)"
 
 #: (column, SQL type) of the `jobs` row, typed so JSONB and timestamps decode
 JOB_COLUMN_TYPES = {c.name: c.type for c in jobs.c}
+
+#: a transition's row carries the STATE event it appended as `ev_<column>` columns
+EVENT_PREFIX = "ev_"
+EVENT_COLUMN_TYPES = {EVENT_PREFIX + c.name: c.type for c in job_events.c}
+
+
+def event_of(row: Mapping[str, object]) -> dict[str, object]:
+    """The STATE event a transition's row carries, as `job_events` reads it back."""
+    return {c.name: row[EVENT_PREFIX + c.name] for c in job_events.c}
 
 
 @dataclass(frozen=True)
@@ -449,15 +458,22 @@ def build(t: Transition) -> sa.TextClause:
     ),
     events AS (
         {_events(t)}
+        RETURNING *
     ),
     notes AS (
         {_notes(t)}
     )
-    SELECT u.*, (SELECT count(*) FROM notes) AS notified FROM u
+    SELECT u.*, (SELECT count(*) FROM notes) AS notified, {_event_columns("e")}
+    FROM u LEFT JOIN events AS e ON e.job_id = u.id AND e.seq = u.last_seq
     """
-    if t.full_rows:
-        return sa.text(sql).columns(**JOB_COLUMN_TYPES)
-    return sa.text(sql)
+    # The event comes back so the replica that committed it can hand it to its own
+    # watchers at once (control.services.feeds) instead of reading it back.
+    types = {**JOB_COLUMN_TYPES} if t.full_rows else {}
+    return sa.text(sql).columns(**types, **EVENT_COLUMN_TYPES)
+
+
+def _event_columns(alias: str) -> str:
+    return ", ".join(f"{alias}.{c.name} AS {EVENT_PREFIX}{c.name}" for c in job_events.c)
 
 
 #: every transition's statement, built once at import

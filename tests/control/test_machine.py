@@ -59,10 +59,10 @@ def test_every_statement_bumps_the_seq_appends_an_event_and_notifies():
 
 def test_moves_to_a_state_write_what_the_state_implies():
     done = machine.TRANSITIONS["complete"]
-    sql = machine.STATEMENTS["complete"].text
+    sql = machine.STATEMENTS["complete"].element.text
     assert set(machine.implied_sets(done, "now()")) == {machine.SUCCEEDED, machine.CANCELED}
     assert "finished_at = " in sql and "lease_expires_at = NULL" in sql
-    requeue = machine.STATEMENTS["reap_lease"].text
+    requeue = machine.STATEMENTS["reap_lease"].element.text
     assert re.search(r"attempt = CASE t\.next_state WHEN 'queued' THEN j\.attempt \+ 1", requeue)
 
 

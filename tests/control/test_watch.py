@@ -12,8 +12,11 @@ from control_support import move, submit
 from helpers import wait_until
 
 from control.config import Settings
-from control.notify import Notifier
+from control.notify import EVENTS_CHANNEL, Notifier
+from control.services.dispatch import utcnow
 from control.services.jobs import JobsService
+from control.store import dispatch as dispatch_store
+from control.store import events as events_store
 from spool.v1 import job_pb2, job_service_pb2
 
 pb = job_service_pb2
@@ -182,6 +185,68 @@ async def test_watchers_share_one_feed_and_a_slow_one_catches_up(jobs, db, datab
     finally:
         await service.feeds.close()
         await notifier.stop()
+
+
+async def _apply_progress_then_completion(db, job_id: str) -> tuple[dict, dict]:
+    """Play this replica's worker stream: progress, then the outcome, each committed."""
+    async with db.autocommit() as s:
+        (progress,) = await dispatch_store.write_progress(
+            s, "w", [(job_id, 1, {"done": 1, "total": 2})], utcnow()
+        )
+        (done,) = await dispatch_store.complete_attempts(
+            s, "w", [(job_id, 1, {"ok": True}, [])], utcnow()
+        )
+    return dict(progress), done.event
+
+
+async def _stored_events(db, job_id: str, after_seq: int) -> list[dict]:
+    async with db.autocommit() as s:
+        return [dict(e) for e in await events_store.list_events(s, uuid.UUID(job_id), after_seq)]
+
+
+async def test_events_this_replica_commits_reach_its_watchers_without_a_read(jobs, db) -> None:
+    """Handed over by the writer (Notifier.publish_events): no NOTIFY, no read back."""
+    job = await submit(jobs)
+    await move(db, job.id, "queued", "running", attempt=1, worker_id="w")
+    notifier = Notifier(db.url)  # never started: no NOTIFY can reach this service
+    service = JobsService(db, notifier, Settings())
+    watch = service.watch("acme", uuid.UUID(job.id), 0)
+    try:
+        assert [(await anext(watch))["seq"] for _ in range(2)] == [1, 2]  # the history
+        progress, done = await _apply_progress_then_completion(db, job.id)
+        notifier.publish_events(iter([progress, done]))
+        got = [dict(await asyncio.wait_for(anext(watch), 1.0)) for _ in range(2)]
+        # Exactly the rows a read of the history gives, and the watch ends after them.
+        assert got == await _stored_events(db, job.id, 2)
+        assert [e["kind"] for e in got] == ["progress", "state"]
+        assert [e async for e in watch] == []
+    finally:
+        await watch.aclose()
+        await service.feeds.close()
+
+
+async def test_an_event_handed_over_out_of_order_waits_for_the_read(jobs, db) -> None:
+    """A gap in seq (the progress was not handed over): the feed reads, in order, once each."""
+    job = await submit(jobs)
+    await move(db, job.id, "queued", "running", attempt=1, worker_id="w")
+    notifier = Notifier(db.url)
+    service = JobsService(db, notifier, Settings())
+    watch = service.watch("acme", uuid.UUID(job.id), 0)
+    try:
+        assert [(await anext(watch))["seq"] for _ in range(2)] == [1, 2]
+        progress, done = await _apply_progress_then_completion(db, job.id)
+        notifier.publish_events([done])  # seq 4 after 2: not handed on
+        next_event = asyncio.ensure_future(anext(watch))
+        await asyncio.sleep(0.2)
+        assert not next_event.done()
+        notifier.publish_local(EVENTS_CHANNEL, job.id)  # what the NOTIFY brings: a read
+        got = [dict(await asyncio.wait_for(next_event, 1.0))]
+        notifier.publish_events([progress, done])  # late: already read, not repeated
+        got += [dict(e) async for e in watch]
+        assert got == await _stored_events(db, job.id, 2)
+    finally:
+        await watch.aclose()
+        await service.feeds.close()
 
 
 async def test_a_watchers_inbox_wakes_on_an_event_times_out_and_marks_overflow() -> None:
