@@ -109,12 +109,9 @@ sa.Index(
 job_events = sa.Table(
     "job_events",
     metadata,
-    sa.Column(
-        "job_id",
-        UUID(as_uuid=True),
-        sa.ForeignKey("jobs.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    # Deleted with its job by the trigger `delete_job_events` (migration 0004): no
+    # foreign key, whose check would cost every appended event a lookup and a lock.
+    sa.Column("job_id", UUID(as_uuid=True), primary_key=True),
     # Dense per job, from 1 (taken from jobs.last_seq in the same transaction).
     sa.Column("seq", sa.BigInteger, primary_key=True),
     sa.Column("kind", sa.Text, nullable=False),
