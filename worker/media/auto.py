@@ -174,6 +174,8 @@ class AutoPlanner:
         self.rejected: list[dict[str, Any]] = []
         self.candidates = 0
         self.min_ratio: dict[int, float] = {}
+        #: per (region, offset): what the presence test reads of each plane
+        self._probes: dict[tuple[int, tuple[int, int]], list[_Probe]] = {}
 
     @property
     def det_moving(self) -> bool:
@@ -953,36 +955,34 @@ class AutoPlanner:
         own |covariance| with the matte, so a coloured mark whose luma is close
         to the scene's is judged mostly on U/V. A ratio of gradient *energies*
         instead would also count the background's own edges, which inverting
-        brings back amplified: on a textured background a mark that is there
+        brings back amplified: on a textured background a mark that was there
         was judged absent.
+
+        Only the box of pixels the gradients on the matte's support read is
+        cropped, inverted and differentiated (`_Probe`): the same numbers as
+        on the whole crop, for a third of the work at 720p.
         """
-        a_y, a_uv = region.alphas(pl.offset)
+        key = (pl.region, pl.offset)
+        if key not in self._probes:
+            self._probes[key] = _probes(region, pl.offset)
         assert region.colour_y is not None and region.colour_uv is not None
-        crops = [_crop_planes(v, pl.y0, pl.x0, region.h, region.w) for v in views]
-        y = self.r.stager.to_device(np.stack([c[0] for c in crops])).float()
-        uv = self.r.stager.to_device(np.stack([c[1] for c in crops])).float()
-        planes = [
-            (y, invert_blend(y[:, None], a_y, region.colour_y)[:, 0], a_y),
-            *(
-                (
-                    uv[:, c],
-                    invert_blend(uv[:, c : c + 1], a_uv, region.colour_uv[c : c + 1])[:, 0],
-                    a_uv,
-                )
-                for c in range(2)
-            ),
-        ]
-        before = torch.zeros(len(views), device=y.device)
-        after = torch.zeros_like(before)
-        norm = torch.zeros_like(before)
-        for j, inv, a in planes:
-            support = F.max_pool2d((a > 0.02).float()[None, None], 3, 1, 1)[0, 0] > 0
-            g_a = gradients(a[None])[0][:, support]
-            g_a = g_a / g_a.norm().clamp_min(1e-6)
-            g_j, g_i = gradients(j)[:, :, support], gradients(inv)[:, :, support]
-            before += (g_j * g_a).sum((1, 2)).abs()
-            after += (g_i * g_a).sum((1, 2)).abs()
-            norm += g_j.flatten(1).norm(dim=1) + g_i.flatten(1).norm(dim=1)
+        colours = [region.colour_y, region.colour_uv[0:1], region.colour_uv[1:2]]
+        before = after = norm = None
+        for c, probe in enumerate(self._probes[key]):
+            y0, x0 = (pl.y0, pl.x0) if c == 0 else (pl.y0 // 2, pl.x0 // 2)
+            y0, x0 = y0 + probe.y0, x0 + probe.x0
+            crops = np.stack([v[c][y0 : y0 + probe.h, x0 : x0 + probe.w] for v in views])
+            j = self.r.stager.to_device(crops).float()
+            inv = invert_blend(j[:, None], probe.alpha, colours[c])[:, 0]
+            g_j = gradients(j).flatten(2).index_select(2, probe.support)
+            g_i = gradients(inv).flatten(2).index_select(2, probe.support)
+            b = (g_j * probe.g_a).sum((1, 2)).abs()
+            a = (g_i * probe.g_a).sum((1, 2)).abs()
+            n = g_j.flatten(1).norm(dim=1) + g_i.flatten(1).norm(dim=1)
+            before = b if before is None else before + b
+            after = a if after is None else after + a
+            norm = n if norm is None else norm + n
+        assert before is not None and after is not None and norm is not None
         # |covariances| summed over planes; each side over the same norm, so the
         # ratio is that of the two correlations
         return (after / before.clamp_min(1e-3 * norm.clamp_min(1.0))).tolist()
@@ -1359,11 +1359,53 @@ def _partial_share(frames: torch.Tensor, on: torch.Tensor, off: torch.Tensor) ->
     return float((not_on & (share > 0.2)).sum() / not_on.sum())
 
 
-def _crop_planes(views: list, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (h, w) luma and (2, h/2, w/2) chroma of a crop of yuv420p plane views."""
-    y = views[0][y0 : y0 + h, x0 : x0 + w]
-    uv = np.stack([v[y0 // 2 : (y0 + h) // 2, x0 // 2 : (x0 + w) // 2] for v in views[1:]])
-    return y, uv
+@dataclass(frozen=True)
+class _Probe:
+    """What the presence test reads of one plane of a placed mark's crop.
+
+    The gradients are taken on the matte's support (alpha > 0.02, grown by
+    1 px); those read one pixel more around it, so only the box of that is
+    cropped (`y0`, `x0`, `h`, `w` inside the plane's crop), and the support is
+    kept as flat indices into the box, row-major like a boolean mask's.
+    """
+
+    y0: int
+    x0: int
+    h: int
+    w: int
+    #: the matte over the box, the support's flat indices in it, and the
+    #: matte's gradients there, of unit norm (2, n)
+    alpha: torch.Tensor
+    support: torch.Tensor
+    g_a: torch.Tensor
+
+
+def _probes(region: Region, offset: tuple[int, int]) -> list[_Probe]:
+    """The `_Probe` of the Y, U and V planes of `region` placed at `offset`."""
+    a_y, a_uv = region.alphas(offset)
+    out = []
+    for a in (a_y, a_uv, a_uv):
+        support = F.max_pool2d((a > 0.02).float()[None, None], 3, 1, 1)[0, 0] > 0
+        g_a = gradients(a[None])[0][:, support]
+        g_a = g_a / g_a.norm().clamp_min(1e-6)
+        read = F.max_pool2d(support.float()[None, None], 3, 1, 1)[0, 0] > 0
+        ys, xs = torch.nonzero(read, as_tuple=True)
+        if len(ys) == 0:  # no support: an empty box reads nothing
+            ys, xs = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        inside = support[y0:y1, x0:x1].flatten()
+        out.append(
+            _Probe(
+                y0,
+                x0,
+                y1 - y0,
+                x1 - x0,
+                a[y0:y1, x0:x1].contiguous(),
+                torch.nonzero(inside, as_tuple=True)[0].to(a.device),
+                g_a,
+            )
+        )
+    return out
 
 
 def _highpass(y: torch.Tensor) -> torch.Tensor:
