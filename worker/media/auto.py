@@ -32,6 +32,7 @@ every rejected candidate with its reason, for report.json.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -53,7 +54,7 @@ from worker.media.detect import (
 )
 from worker.media.locate import ncc_map
 from worker.media.matte import border_mask, downsample_alpha, fit_opacity, shape_from_frames
-from worker.media.restore import RestoreOptions, fill_crops, invert_blend
+from worker.media.restore import RestoreOptions, fill_crops, inpaint_threads, invert_blend
 
 if TYPE_CHECKING:
     from worker.media.overlay import OverlayRemover, Placement, Region
@@ -115,6 +116,8 @@ CORE_PIXELS = 24
 CORE_SPREAD = 6.0
 #: ... and the matte read from luma alone where it differs from the background's by this
 LUMA_CONTRAST = 25.0
+#: threads for OpenCV's fills during the analysis between the passes
+PLAN_THREADS = max(1, min(os.cpu_count() or 1, 4))
 #: report.json's mark mask: the pixels where the mark's shape exceeds this
 MASK_LEVEL = 0.1
 
@@ -228,8 +231,11 @@ class AutoPlanner:
             return frames
 
         r._run("analyse", analyse)
-        accepted = [d for d in data if self._explain(d, det.moving)]
-        self._build_marks(data, accepted, still=not det.moving)
+        # Nothing decodes or encodes between the passes: the cores are free for
+        # OpenCV's fills (torch's own threads did not pay on these small crops).
+        with inpaint_threads(PLAN_THREADS):
+            accepted = [d for d in data if self._explain(d, det.moving)]
+            self._build_marks(data, accepted, still=not det.moving)
 
     def _spot_data(self, s: Spot, det: Detection) -> _SpotData:
         fh, fw = self.r.info.height, self.r.info.width
