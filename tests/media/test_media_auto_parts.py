@@ -7,15 +7,14 @@ and the clean row padding that makes the benchmark's H.264 inputs reproducible.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from worker.media import synth
-from worker.media.auto import MAX_PARTIAL, _highpass, _partial_share
+from worker.media.auto_blend import MAX_PARTIAL, _partial_share
+from worker.media.auto_spots import highpass
 from worker.media.detect import _boxes, median0
 
 
@@ -51,7 +50,7 @@ def test_highpass_is_the_local_mean_over_the_window_inside_the_crop():
     torch.manual_seed(1)
     y = torch.rand(5, 31, 47) * 255
     ref = y - F.avg_pool2d(y[:, None], 7, 1, 3, count_include_pad=False)[:, 0]
-    assert float((_highpass(y) - ref).abs().max()) < 1e-3
+    assert float((highpass(y) - ref).abs().max()) < 1e-3
 
 
 def test_detection_boxes_are_the_parts_of_the_mask():
@@ -111,7 +110,8 @@ def _spot_frames(
 
 
 def test_a_cut_template_grows_to_the_whole_mark_and_not_into_one_spots_scene():
-    from worker.media.auto import AutoPlanner, _SpotData
+    from worker.media.auto_grow import grow_shape
+    from worker.media.auto_spots import SpotData
     from worker.media.detect import Spot
     from worker.media.scenes import make_watermark
 
@@ -129,17 +129,15 @@ def test_a_cut_template_grows_to_the_whole_mark_and_not_into_one_spots_scene():
         spot = Spot(
             x=0, y=0, w=size[1], h=size[0], windows={0}, strong={0}, persistent=False, strength=1.0
         )
-        d = _SpotData(spot, 100 * i, 0, size[0], size[1], set(), set())
+        d = SpotData(spot, 100 * i, 0, size[0], size[1], set(), set())
         d.on_y, d.on_idx = frames, list(range(24))
         members.append(d)
         spots.append((100 * i + at[0], at[1] + word))
     # the template a box that missed the glyph gives: the word alone
     cut = torch.from_numpy(shape[:, word:].copy())
-    remover = SimpleNamespace(info=SimpleNamespace(height=400, width=300))
-    planner = AutoPlanner(remover)  # type: ignore[arg-type]
     tmpl, grown_spots = cut, spots
     for _ in range(3):
-        tmpl, grown_spots = planner._grow_shape(tmpl, grown_spots, members)
+        tmpl, grown_spots = grow_shape(tmpl, grown_spots, members, (400, 300))
     y, x = grown_spots[0][0] - at[0], grown_spots[0][1] - at[1]
     canvas = np.zeros((200, 300), np.float32)
     canvas[50 + y : 50 + y + tmpl.shape[0], 50 + x : 50 + x + tmpl.shape[1]] = tmpl.numpy()
@@ -161,7 +159,8 @@ def test_still_matte_reads_opacity_and_colour_from_the_solid_core():
     codec: frames to yuv420p by OpenCV): the per-pixel matte from the typical frames
     with and without it is within 0.04 of the truth on average (the alternating fit
     alone: 0.08, the opacity read 0.52 for 0.6)."""
-    from worker.media.auto import _refit_on_core, _upsample_uv, blend_fit
+    from worker.media.auto_matte import blend_fit, refit_on_core
+    from worker.media.auto_spots import upsample_uv
     from worker.media.scenes import make_clip
 
     clip = make_clip("still-late-colour", 48, 180, 320)
@@ -177,7 +176,7 @@ def test_still_matte_reads_opacity_and_colour_from_the_solid_core():
         q = fh * fw // 4
         uv = np.stack([i420[fh:].reshape(-1)[:q], i420[fh:].reshape(-1)[q:]])
         uv = uv.reshape(2, fh // 2, fw // 2)[:, cy // 2 : (cy + h) // 2, cx // 2 : (cx + w) // 2]
-        return np.concatenate([i420[None, cy : cy + h, cx : cx + w], _upsample_uv(uv[None])[0]])
+        return np.concatenate([i420[None, cy : cy + h, cx : cx + w], upsample_uv(uv[None])[0]])
 
     on = [crop(f) for f, p in zip(clip.blended, mark.positions, strict=True) if p is not None]
     off = [crop(f) for f, p in zip(clip.blended, mark.positions, strict=True) if p is None]
@@ -192,5 +191,5 @@ def test_still_matte_reads_opacity_and_colour_from_the_solid_core():
         return float((a - torch.from_numpy(truth)).abs()[on_mark].mean())
 
     a0, w0 = blend_fit(pairs)
-    a1, _ = _refit_on_core(pairs, a0, w0)
+    a1, _ = refit_on_core(pairs, a0, w0)
     assert error(a1) < 0.04 < error(a0), (error(a0), error(a1))
