@@ -29,6 +29,7 @@ every rejected candidate with its reason, for report.json.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,7 +46,8 @@ from worker.media.restore import inpaint_threads
 if TYPE_CHECKING:
     from worker.media.overlay import OverlayRemover, Placement
 
-#: threads for OpenCV's fills during the analysis between the passes
+#: threads for the analysis between the passes (candidates tested, templates
+#: searched and OpenCV's fills at once)
 PLAN_THREADS = max(1, min(os.cpu_count() or 1, 4))
 #: report.json's mark mask: the pixels where the mark's shape exceeds this
 MASK_LEVEL = 0.1
@@ -61,10 +63,6 @@ class AutoPlanner:
         self.rejections = Rejections()
         self.candidates = 0
         self.tracker = MarkTracker(remover, self.marks)
-
-    @property
-    def det_moving(self) -> bool:
-        return self.det is not None and self.det.moving
 
     @property
     def rejected(self) -> list[dict[str, Any]]:
@@ -118,12 +116,24 @@ class AutoPlanner:
             return frames
 
         r._run("analyse", analyse)
-        # Nothing decodes or encodes between the passes: the cores are free for
-        # OpenCV's fills (torch's own threads did not pay on these small crops).
+
+        # Nothing decodes or encodes between the passes: the cores are free. The
+        # candidates are tested in parallel threads (torch, numpy and OpenCV
+        # release the GIL; torch's own threads did not pay on these small
+        # crops), each into its own record of rejections, merged in order.
+        def explain(d: SpotData) -> tuple[bool, Rejections]:
+            own = Rejections()
+            return BlendTest(det, r.options, own).explain(d), own
+
+        with ThreadPoolExecutor(PLAN_THREADS) as pool:
+            verdicts = list(pool.map(explain, data))
+        for _, own in verdicts:
+            self.rejections.extend(own)
+        accepted = [d for d, (ok, _) in zip(data, verdicts, strict=True) if ok]
         with inpaint_threads(PLAN_THREADS):
-            test = BlendTest(det, r.options, self.rejections)
-            accepted = [d for d in data if test.explain(d)]
-            builder = MarkBuilder(r, still=not det.moving, rejections=self.rejections)
+            builder = MarkBuilder(
+                r, still=not det.moving, rejections=self.rejections, threads=PLAN_THREADS
+            )
             self.marks = builder.build(data, accepted)
         self.tracker = MarkTracker(r, self.marks)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,8 +70,12 @@ Found = tuple[torch.Tensor, list[tuple[int, int]], list[SpotData]]
 class MarkBuilder:
     """Builds the marks of one video into its `OverlayRemover`'s regions."""
 
-    def __init__(self, remover: OverlayRemover, *, still: bool, rejections: Rejections) -> None:
+    def __init__(
+        self, remover: OverlayRemover, *, still: bool, rejections: Rejections, threads: int = 1
+    ) -> None:
         self.r, self.still, self.rejections = remover, still, rejections
+        #: template searches run at once (`_claim`)
+        self.threads = threads
         self.marks: list[AutoMark] = []
 
     def build(self, data: list[SpotData], accepted: list[SpotData]) -> list[AutoMark]:
@@ -146,10 +151,12 @@ class MarkBuilder:
     ) -> bool:
         """Add the spots not yet claimed that show `tmpl` to a mark's; whether any was new."""
         more = False
-        for d in data:
-            if id(d) in claimed:
-                continue
-            found = self._find(d, tmpl)
+        todo = [d for d in data if id(d) not in claimed]
+        # Each search is independent (an NCC over one spot's crops): they run
+        # in parallel, and are taken in order.
+        with ThreadPoolExecutor(self.threads) as pool:
+            found_in = list(pool.map(lambda d: self._find(d, tmpl), todo))
+        for d, found in zip(todo, found_in, strict=True):
             if found is None:
                 continue
             claimed.add(id(d))

@@ -100,14 +100,23 @@ class Rejections:
 
     def add(self, d: SpotData, reason: str, **extra: Any) -> bool:
         """Record why `d` is not a mark (replacing what it had); returns False, the verdict."""
-        self.drop(d)
-        entry = {**d.spot.box(), "windows": len(d.spot.windows), "reason": reason, **extra}
-        self._entries.append((id(d), entry))
+        self._put(
+            id(d), {**d.spot.box(), "windows": len(d.spot.windows), "reason": reason, **extra}
+        )
         return False
 
     def drop(self, d: SpotData) -> None:
         """`d` is part of a mark after all: forget its rejection."""
         self._entries = [(k, e) for k, e in self._entries if k != id(d)]
+
+    def extend(self, other: Rejections) -> None:
+        """Record `other`'s entries after these, in their order (as if added here)."""
+        for key, entry in other._entries:
+            self._put(key, entry)
+
+    def _put(self, key: int | None, entry: dict[str, Any]) -> None:
+        self._entries = [(k, e) for k, e in self._entries if k is None or k != key]
+        self._entries.append((key, entry))
 
     def entries(self) -> list[dict[str, Any]]:
         """The entries for report.json."""
