@@ -232,7 +232,7 @@ class BlendTest:
         # The template stays the temporal median's shape (its parts that behave
         # as a blend): the per-pixel fit on one spot's few frames is noisier;
         # the mark's matte is fitted again on the crops of all its spots
-        # (`_make_mark`).
+        # (`MarkBuilder._make_mark`, worker/media/auto_marks.py).
         d.shape = torch.where(keep, shape, torch.zeros_like(shape))
         d.opacity = opacity
         return True

@@ -230,7 +230,7 @@ class MarkBuilder:
             canvas = torch.zeros(h, w)
             oy, ox = pl.offset
             canvas[oy : oy + th, ox : ox + tw] = tmpl[: h - oy, : w - ox]
-            # on and off frames under one threshold (see `_explain_still`)
+            # on and off frames under one threshold (see `BlendTest._still`)
             frames_y, frames_uv = d.on_y + d.off_y, d.on_uv + d.off_uv
             ys = np.stack([yc[cy : cy + h, cx : cx + w] for yc in frames_y])
             uvs = np.stack(

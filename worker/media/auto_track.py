@@ -89,7 +89,7 @@ class MarkTracker:
 
         Only the box of pixels the gradients on the matte's support read is
         cropped, inverted and differentiated (`_Probe`): the same numbers as
-        on the whole crop, for a third of the work at 720p.
+        on the whole crop, for a third less work at 720p.
         """
         key = (pl.region, pl.offset)
         if key not in self._probes:
