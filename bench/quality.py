@@ -10,7 +10,9 @@ with hard edges and texture; marks jumping between 2-4 spots, appearing late,
 vanishing, two at once, white and coloured, opacity 0.25-0.6; clean clips),
 each through `none`, `auto` (no parameter), `template` (the true RGBA
 template), `cv2.inpaint` (Telea on the true mask) and `re-encode`, with and
-without an H.264 round trip. See worker/media/evaluate.py for the metrics.
+without an H.264 round trip; `ceiling` is the clean clip through the same
+chain (no method can be expected to beat it: the targets table says where
+the +4 dB target lies above it). See worker/media/evaluate.py for the metrics.
 The 432x240 rows follow the DAVIS / YouTube-VOS evaluation size, so the
 whole-frame PSNR / SSIM sit beside published video-inpainting figures (on
 different content: those are object-removal benchmarks).
@@ -49,7 +51,12 @@ def run_cases(
                 clip = scenes.make_clip(name, n, h, w)
                 for proto in protocols:
                     t0 = time.perf_counter()
-                    rows = evaluate.evaluate_case(clip, Path(tmp) / f"{name}-{w}-{proto}", proto)
+                    rows = evaluate.evaluate_case(
+                        clip,
+                        Path(tmp) / f"{name}-{w}-{proto}",
+                        proto,
+                        methods=(*evaluate.METHODS, "ceiling"),
+                    )
                     raw[(name, f"{w}x{h}", proto)] = rows
                     for method, r in rows.items():
                         cells = [
@@ -73,8 +80,9 @@ def targets(raw: dict) -> str:
     """Issue 10's targets per case: met or missed, with the margins."""
     out = [
         "| case | size | codec | auto - template dB (>= -1) | auto - cv2.inpaint dB (>= 4) "
-        "| det P (>= 0.9) | det R (>= 0.95) | clean: auto - re-encode dB (>= -0.5) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| det P (>= 0.9) | det R (>= 0.95) | clean: auto - re-encode dB (>= -0.5) "
+        "| ceiling dB: clean clip through the chain (cv2.inpaint + 4) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, size, proto), rows in raw.items():
         a = rows["auto"]
@@ -85,13 +93,23 @@ def targets(raw: dict) -> str:
                 f"| {name} | {size} | {proto} | {dt:+.2f} {'ok' if dt >= -1 else 'MISS'} "
                 f"| {db:+.2f} {'ok' if db >= 4 else 'MISS'} "
                 f"| {a['precision']:.3f} {'ok' if a['precision'] >= 0.9 else 'MISS'} "
-                f"| {a['recall']:.3f} {'ok' if a['recall'] >= 0.95 else 'MISS'} | |"
+                f"| {a['recall']:.3f} {'ok' if a['recall'] >= 0.95 else 'MISS'} | "
+                f"| {_ceiling(rows)} |"
             )
         else:
             dc = a["psnr"] - rows["re-encode"]["psnr"]
             ok = "ok" if dc >= -0.5 else "MISS"
-            out.append(f"| {name} | {size} | {proto} | | | | | {dc:+.2f} {ok} |")
+            out.append(f"| {name} | {size} | {proto} | | | | | {dc:+.2f} {ok} | |")
     return "\n".join(out)
+
+
+def _ceiling(rows: dict) -> str:
+    """The clean clip's own score through the chain beside the +4 dB target: whether any
+    method could meet the target at all."""
+    if "ceiling" not in rows:
+        return ""
+    top, goal = rows["ceiling"]["psnr_mark"], rows["cv2.inpaint"]["psnr_mark"] + 4
+    return f"{top:.2f} ({goal:.2f}){'' if top >= goal else ' target above it'}"
 
 
 def run_legacy(small: bool) -> str:

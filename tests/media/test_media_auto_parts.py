@@ -7,15 +7,14 @@ and the clean row padding that makes the benchmark's H.264 inputs reproducible.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from worker.media import synth
-from worker.media.auto import MAX_PARTIAL, _highpass, _partial_share
+from worker.media.auto_blend import MAX_PARTIAL, _partial_share
+from worker.media.auto_spots import highpass
 from worker.media.detect import _boxes, median0
 
 
@@ -51,7 +50,7 @@ def test_highpass_is_the_local_mean_over_the_window_inside_the_crop():
     torch.manual_seed(1)
     y = torch.rand(5, 31, 47) * 255
     ref = y - F.avg_pool2d(y[:, None], 7, 1, 3, count_include_pad=False)[:, 0]
-    assert float((_highpass(y) - ref).abs().max()) < 1e-3
+    assert float((highpass(y) - ref).abs().max()) < 1e-3
 
 
 def test_detection_boxes_are_the_parts_of_the_mask():
@@ -111,7 +110,8 @@ def _spot_frames(
 
 
 def test_a_cut_template_grows_to_the_whole_mark_and_not_into_one_spots_scene():
-    from worker.media.auto import AutoPlanner, _SpotData
+    from worker.media.auto_grow import grow_shape
+    from worker.media.auto_spots import SpotData
     from worker.media.detect import Spot
     from worker.media.scenes import make_watermark
 
@@ -129,17 +129,15 @@ def test_a_cut_template_grows_to_the_whole_mark_and_not_into_one_spots_scene():
         spot = Spot(
             x=0, y=0, w=size[1], h=size[0], windows={0}, strong={0}, persistent=False, strength=1.0
         )
-        d = _SpotData(spot, 100 * i, 0, size[0], size[1], set(), set())
+        d = SpotData(spot, 100 * i, 0, size[0], size[1], set(), set())
         d.on_y, d.on_idx = frames, list(range(24))
         members.append(d)
         spots.append((100 * i + at[0], at[1] + word))
     # the template a box that missed the glyph gives: the word alone
     cut = torch.from_numpy(shape[:, word:].copy())
-    remover = SimpleNamespace(info=SimpleNamespace(height=400, width=300))
-    planner = AutoPlanner(remover)  # type: ignore[arg-type]
     tmpl, grown_spots = cut, spots
     for _ in range(3):
-        tmpl, grown_spots = planner._grow_shape(tmpl, grown_spots, members)
+        tmpl, grown_spots = grow_shape(tmpl, grown_spots, members, (400, 300))
     y, x = grown_spots[0][0] - at[0], grown_spots[0][1] - at[1]
     canvas = np.zeros((200, 300), np.float32)
     canvas[50 + y : 50 + y + tmpl.shape[0], 50 + x : 50 + x + tmpl.shape[1]] = tmpl.numpy()
@@ -161,7 +159,8 @@ def test_still_matte_reads_opacity_and_colour_from_the_solid_core():
     codec: frames to yuv420p by OpenCV): the per-pixel matte from the typical frames
     with and without it is within 0.04 of the truth on average (the alternating fit
     alone: 0.08, the opacity read 0.52 for 0.6)."""
-    from worker.media.auto import _refit_on_core, _upsample_uv, blend_fit
+    from worker.media.auto_matte import blend_fit, refit_on_core
+    from worker.media.auto_spots import upsample_uv
     from worker.media.scenes import make_clip
 
     clip = make_clip("still-late-colour", 48, 180, 320)
@@ -177,7 +176,7 @@ def test_still_matte_reads_opacity_and_colour_from_the_solid_core():
         q = fh * fw // 4
         uv = np.stack([i420[fh:].reshape(-1)[:q], i420[fh:].reshape(-1)[q:]])
         uv = uv.reshape(2, fh // 2, fw // 2)[:, cy // 2 : (cy + h) // 2, cx // 2 : (cx + w) // 2]
-        return np.concatenate([i420[None, cy : cy + h, cx : cx + w], _upsample_uv(uv[None])[0]])
+        return np.concatenate([i420[None, cy : cy + h, cx : cx + w], upsample_uv(uv[None])[0]])
 
     on = [crop(f) for f, p in zip(clip.blended, mark.positions, strict=True) if p is not None]
     off = [crop(f) for f, p in zip(clip.blended, mark.positions, strict=True) if p is None]
@@ -192,5 +191,118 @@ def test_still_matte_reads_opacity_and_colour_from_the_solid_core():
         return float((a - torch.from_numpy(truth)).abs()[on_mark].mean())
 
     a0, w0 = blend_fit(pairs)
-    a1, _ = _refit_on_core(pairs, a0, w0)
+    a1, _ = refit_on_core(pairs, a0, w0)
     assert error(a1) < 0.04 < error(a0), (error(a0), error(a1))
+
+
+def test_ncc_map_matches_the_direct_correlation():
+    """The FFT form (5-smooth sizes, no padding by the pattern, window sums from
+    integral images) against |NCC| computed window by window."""
+    from worker.media.locate import fft_size, ncc_map
+
+    assert [fft_size(n) for n in (1, 7, 11, 97, 733)] == [1, 8, 12, 100, 750]
+    rng = np.random.default_rng(5)
+    for h, w, th, tw in ((23, 37, 5, 9), (31, 29, 31, 4), (16, 40, 1, 1), (41, 53, 40, 2)):
+        frames = torch.from_numpy(rng.uniform(0, 255, (2, h, w)).astype(np.float32))
+        pattern = torch.from_numpy(rng.uniform(-1, 1, (th, tw)).astype(np.float32))
+        got = ncc_map(frames, pattern)
+        p = (pattern - pattern.mean()).double()
+        want = torch.zeros(2, h - th + 1, w - tw + 1, dtype=torch.float64)
+        for y in range(h - th + 1):
+            for x in range(w - tw + 1):
+                win = frames[:, y : y + th, x : x + tw].double()
+                c = win - win.mean((1, 2), keepdim=True)
+                den = (c.flatten(1).norm(dim=1) * p.norm()).clamp_min(1e-3)
+                want[:, y, x] = ((c * p).sum((1, 2)) / den).abs()
+        assert got.shape == want.shape
+        assert torch.allclose(got.double(), want, atol=1e-4), (h, w, th, tw)
+
+
+def test_nanmedian_per_pattern_matches_numpy():
+    """`_nanmedian0` (one plain median per pattern of NaNs) gives numpy's numbers exactly,
+    NaN where no frame holds a pixel."""
+    import warnings
+
+    from worker.media.auto_grow import _nanmedian0
+
+    rng = np.random.default_rng(6)
+    a = rng.uniform(0, 255, (37, 30, 50)).astype(np.float32)
+    a[:12, :, 40:] = np.nan  # one spot's crops end on the right ...
+    a[12:25, :5] = np.nan  # ... another's at the top
+    a[:, :3, 45:] = np.nan  # and no crop holds this corner
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanmedian(a, axis=0)
+    got = _nanmedian0(a)
+    assert got.dtype == want.dtype and np.isnan(got[:3, 45:]).all()
+    assert np.array_equal(got, want, equal_nan=True)
+
+
+def test_presence_ratios_read_only_the_box_the_gradients_need():
+    """The presence test on the box its gradients read (`_Probe`) against the same
+    computation on whole crops: the same ratios."""
+    from types import SimpleNamespace
+
+    from worker.media.auto_track import MarkTracker
+    from worker.media.detect import gradients
+    from worker.media.device import Stager
+    from worker.media.overlay import Placement, Region
+    from worker.media.restore import invert_blend
+
+    rng = np.random.default_rng(7)
+    shape = torch.zeros(14, 30)
+    shape[3:11, 4:26] = torch.from_numpy(rng.uniform(0.3, 1, (8, 22)).astype(np.float32))
+    region = Region(h=28, w=44, shape=shape, template=True, opacity=0.5)
+    region.colour_y, region.colour_uv = torch.tensor([230.0]), torch.tensor([120.0, 140.0])
+    pl = Placement(0, 10, 6, (7, 6))
+    a_y, a_uv = region.alphas(pl.offset)
+    frames = []
+    for k in range(5):
+        y = rng.integers(0, 256, (60, 80)).astype(np.uint8)
+        uv = [rng.integers(0, 256, (30, 40)).astype(np.uint8) for _ in range(2)]
+        if k % 2:  # the mark is there in every other frame
+            crop = y[10:38, 6:50].astype(np.float32)
+            y[10:38, 6:50] = (crop * (1 - a_y.numpy()) + 230 * a_y.numpy()).round()
+        frames.append([y, *uv])
+    tracker = MarkTracker(SimpleNamespace(stager=Stager(torch.device("cpu"))), [])  # type: ignore[arg-type]
+    got = tracker._ratios(region, pl, frames)
+
+    before = after = norm = torch.zeros(len(frames))
+    colours = [region.colour_y, region.colour_uv[:1], region.colour_uv[1:]]
+    for c, a in enumerate((a_y, a_uv, a_uv)):
+        y0, x0, h, w = (10, 6, 28, 44) if c == 0 else (5, 3, 14, 22)
+        j = torch.from_numpy(np.stack([f[c][y0 : y0 + h, x0 : x0 + w] for f in frames])).float()
+        inv = invert_blend(j[:, None], a, colours[c])[:, 0]
+        support = F.max_pool2d((a > 0.02).float()[None, None], 3, 1, 1)[0, 0] > 0
+        g_a = gradients(a[None])[0][:, support]
+        g_a = g_a / g_a.norm()
+        g_j, g_i = gradients(j)[:, :, support], gradients(inv)[:, :, support]
+        before = before + (g_j * g_a).sum((1, 2)).abs()
+        after = after + (g_i * g_a).sum((1, 2)).abs()
+        norm = norm + g_j.flatten(1).norm(dim=1) + g_i.flatten(1).norm(dim=1)
+    want = (after / before.clamp_min(1e-3 * norm.clamp_min(1.0))).tolist()
+    assert got == want
+    assert all(r < 0.92 for r in got[1::2]) and all(r > 1.0 for r in got[::2]), got
+
+
+def test_rejections_keep_each_candidates_latest_reason_in_order():
+    from worker.media.auto_spots import Rejections, SpotData
+    from worker.media.detect import Spot
+
+    def data(x: int) -> SpotData:
+        spot = Spot(x=x, y=0, w=8, h=8, windows={0}, strong={0}, persistent=False, strength=1)
+        return SpotData(spot, 0, x, 8, 8, set(), set())
+
+    a, b, c = data(0), data(10), data(20)
+    rejections = Rejections([{"reason": "from detection"}])
+    assert rejections.add(a, "first") is False
+    rejections.add(b, "second")
+    # candidates tested apart, each into its own record, merged in their order
+    own_a, own_c = Rejections(), Rejections()
+    own_a.add(a, "again", score=1)
+    own_c.add(c, "third")
+    rejections.extend(own_a)
+    rejections.extend(own_c)
+    rejections.drop(b)  # claimed by a mark after all
+    reasons = [(e.get("x"), e["reason"]) for e in rejections.entries()]
+    assert reasons == [(None, "from detection"), (0, "again"), (20, "third")]

@@ -51,13 +51,21 @@ def _peak_rss(tmp: Path, frames: int, *, auto: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _mb(run: dict) -> float:
+    return run["rss_mb"]
+
+
 @pytest.mark.parametrize("auto", [False, True], ids=["template", "auto"])
 def test_peak_rss_does_not_grow_with_length(tmp_path, auto):
     # auto keeps up to 96 window maps and 96 crops per candidate: past those
     # caps (both reached by 768 frames here) nothing grows with length
     n_short, n_long = (768, 1536) if auto else (48, 480)
-    short = _peak_rss(tmp_path, n_short, auto=auto)
-    long = _peak_rss(tmp_path, n_long, auto=auto)
+    # auto tests its candidates in parallel threads between its passes: whether
+    # two large ones overlap moves the peak by ~10-30 MB from run to run at any
+    # length, so each length's peak is the lower of two runs
+    runs = 2 if auto else 1
+    short = min((_peak_rss(tmp_path, n_short, auto=auto) for _ in range(runs)), key=_mb)
+    long = min((_peak_rss(tmp_path, n_long, auto=auto) for _ in range(runs)), key=_mb)
     assert short["frames"] == n_short and long["frames"] == n_long
     # 432 more 256x144 frames would be ~48 MB as RGB if anything held them all
     assert long["rss_mb"] - short["rss_mb"] < 20, (short, long)

@@ -309,26 +309,37 @@ def find_spots(det: Detection) -> tuple[list[Spot], list[dict]]:
                 "(a mark that never moves or vanishes cannot be told from it)",
             }
         )
-    # Group the boxes of all windows into spots.
+    # Group the boxes of all windows into spots: each box joins the first group
+    # (same kind) whose box it overlaps by more than half (`overlap`, on arrays:
+    # a busy clip has thousands of boxes and hundreds of groups).
     groups: list[dict] = []
+    g_box = np.zeros((len(raw), 4), np.int64)
+    g_persistent = np.zeros(len(raw), bool)
     for box, wi, strength, persistent in sorted(raw, key=lambda r: -r[2]):
-        for g in groups:
-            if g["persistent"] == persistent and overlap(g["box"], box) > 0.5:
-                g["windows"].add(wi)
-                g["per_window"][wi] = g["per_window"].get(wi, 0.0) + strength
-                g["strength"] += strength
-                # the strongest window's box stands (a union would swallow the neighbours)
-                break
-        else:
-            groups.append(
-                {
-                    "box": box,
-                    "windows": {wi},
-                    "per_window": {wi: strength},
-                    "strength": strength,
-                    "persistent": persistent,
-                }
-            )
+        n = len(groups)
+        gx, gy, gw, gh = g_box[:n].T
+        bx, by, bw, bh = box
+        ix = np.maximum(0, np.minimum(gx + gw, bx + bw) - np.maximum(gx, bx))
+        iy = np.maximum(0, np.minimum(gy + gh, by + bh) - np.maximum(gy, by))
+        share = ix * iy / np.maximum(np.minimum(gw * gh, bw * bh), 1)
+        hit = np.flatnonzero((g_persistent[:n] == persistent) & (share > 0.5))
+        if len(hit):
+            g = groups[int(hit[0])]
+            g["windows"].add(wi)
+            g["per_window"][wi] = g["per_window"].get(wi, 0.0) + strength
+            g["strength"] += strength
+            # the strongest window's box stands (a union would swallow the neighbours)
+            continue
+        g_box[n], g_persistent[n] = box, persistent
+        groups.append(
+            {
+                "box": box,
+                "windows": {wi},
+                "per_window": {wi: strength},
+                "strength": strength,
+                "persistent": persistent,
+            }
+        )
     spots: list[Spot] = []
     for g in sorted(groups, key=lambda g: -g["strength"]):
         x0, y0, bw, bh = g["box"]

@@ -10,7 +10,10 @@ the package so tests/media assert on the same numbers. Methods:
 - `cv2.inpaint`: OpenCV Telea (radius 3) on the *true* mark mask, frame by
   frame: the naive decode -> inpaint -> encode loop with perfect detection;
 - `re-encode`: the input decoded and encoded again with the handler's
-  encoder settings: what a clean clip must stay within 0.5 dB of.
+  encoder settings: what a clean clip must stay within 0.5 dB of;
+- `ceiling` (asked for by name): the *clean* clip through the same chain
+  (input codec, decode, the handler's encoder), scored like the others:
+  what no method can be expected to beat from that input.
 
 Protocols: `h264` (input libx264 crf 18, output crf 20: the codec's losses on
 both sides included) and `lossless` (input FFV1, output libx264 crf 0; the
@@ -31,6 +34,7 @@ only loss is yuv420p's chroma). Scores, against the clean RGB frames:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +208,9 @@ def evaluate_case(
     if "re-encode" in methods:
         again = reencode(src, workdir / f"{clip.name}-again.mp4", crf_out)
         rows["re-encode"] = score(decode(again), clip)
+    if "ceiling" in methods and clip.marked:
+        clean = write_input(replace(clip, blended=clip.clean), workdir / "clean.mp4", protocol)
+        rows["ceiling"] = score(decode(reencode(clean, workdir / "clean-again.mp4", crf_out)), clip)
     return rows
 
 

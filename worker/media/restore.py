@@ -12,6 +12,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -32,6 +36,25 @@ AUTO_FILLS = ("biharmonic", "harmonic", "ns")
 SELECT_PART_PIXELS = 1024
 #: ... on about this many of the samples (thousands of pixels each: plenty to rank)
 SELECT_SAMPLES = 16
+
+#: how many crops `inpaint_crops` fills at once (`inpaint_threads`)
+_INPAINT_THREADS: ContextVar[int] = ContextVar("inpaint_threads", default=1)
+
+
+@contextmanager
+def inpaint_threads(n: int) -> Iterator[None]:
+    """Let `inpaint_crops` fill up to `n` crops at once within the block.
+
+    OpenCV releases the GIL while it inpaints, so the crops of a batch fill
+    in parallel; worth it only when the cores are otherwise idle (auto mode's
+    analysis between its passes, when nothing decodes or encodes). Per
+    context: a concurrent job in another thread is not affected.
+    """
+    token = _INPAINT_THREADS.set(max(1, n))
+    try:
+        yield
+    finally:
+        _INPAINT_THREADS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -87,8 +110,9 @@ def inpaint_crops(crops: np.ndarray, mask: np.ndarray, radius: int, algo: str) -
     x0, x1 = max(int(xs.min()) - m, 0), min(int(xs.max()) + m + 1, w)
     sub_mask = np.ascontiguousarray(mask[y0:y1, x0:x1])
     channels = crops.shape[3]
-    for i, crop in enumerate(crops):
-        win = crop[y0:y1, x0:x1]
+
+    def fill(i: int) -> None:
+        win = crops[i, y0:y1, x0:x1]
         if channels in (1, 3):
             res = cv2.inpaint(np.ascontiguousarray(win), sub_mask, radius, flag)
             out[i, y0:y1, x0:x1] = res.reshape(win.shape)
@@ -99,6 +123,14 @@ def inpaint_crops(crops: np.ndarray, mask: np.ndarray, radius: int, algo: str) -
             for c in range(channels):
                 plane = np.ascontiguousarray(win[:, :, c])
                 out[i, y0:y1, x0:x1, c] = cv2.inpaint(plane, sub_mask, radius, flag)
+
+    threads = min(_INPAINT_THREADS.get(), len(crops))
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fill, range(len(crops))))
+    else:
+        for i in range(len(crops)):
+            fill(i)
     return out
 
 
