@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -149,27 +149,50 @@ def error_to_proto(e: Mapping[str, Any] | None) -> job_pb2.JobError | None:
     )
 
 
-#: the Job fields copied as they are, and the ones left unset when empty
+#: the Job fields copied as they are
 _JOB_SCALARS = ("tenant", "type", "priority", "concurrency_limit", "max_attempts", "attempt",
                 "cancel_requested", "last_seq")  # fmt: skip
-_JOB_OPTIONAL_TEXT = ("concurrency_key", "worker_id", "request_id")
+#: column -> (Job field, conversion) of the fields left unset when the column is empty
+_JOB_OPTIONAL: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "concurrency_key": ("concurrency_key", str),
+    "worker_id": ("worker_id", str),
+    "request_id": ("request_id", str),
+    "inputs": ("inputs", list),
+    "outputs": ("outputs", list),
+    "labels": ("labels", dict),
+    "worker_selector": ("worker_selector", dict),
+    "min_start_interval_ms": ("min_start_interval", _ms_to_duration),
+    "timeout_ms": ("timeout", _ms_to_duration),
+    "progress": ("progress", progress_to_proto),
+    "error": ("error", error_to_proto),
+}
 _JOB_TIMES = (("not_before", "not_before"), ("created_at", "create_time"),
               ("started_at", "start_time"), ("finished_at", "finish_time"),
               ("updated_at", "update_time"))  # fmt: skip
 
 
-def _times(
-    row: Mapping[Any, Any], fields: tuple[tuple[str, str], ...], into: dict[str, Any]
-) -> None:
-    """The row's times as Timestamps (a row's times are often equal: each made once)."""
+def _optional_and_times(
+    row: Mapping[Any, Any],
+    columns: Iterable[str],
+    times: tuple[tuple[str, str], ...],
+    into: dict[str, Any],
+) -> job_pb2.Job:
+    """The Job of `into` plus the row's non-empty `columns` (`_JOB_OPTIONAL`) and its
+    times as Timestamps (a row's times are often equal: each is made once)."""
+    for column in columns:
+        value = row[column]
+        if value:
+            name, convert = _JOB_OPTIONAL[column]
+            into[name] = convert(value)
     made: dict[datetime, timestamp_pb2.Timestamp | None] = {}
-    for column, name in fields:
+    for column, name in times:
         dt = row[column]
         if dt is not None:
             ts = made.get(dt)
             if ts is None:
                 ts = made[dt] = timestamp(dt)
             into[name] = ts
+    return job_pb2.Job(**into)
 
 
 def job_to_proto(row: Mapping[Any, Any]) -> job_pb2.Job:
@@ -177,31 +200,14 @@ def job_to_proto(row: Mapping[Any, Any]) -> job_pb2.Job:
     kw: dict[str, Any] = {name: row[name] for name in _JOB_SCALARS}
     kw["id"] = str(row["id"])
     kw["state"] = _STATE_TO_PROTO.get(row["state"], job_pb2.JOB_STATE_UNSPECIFIED)
-    for name in _JOB_OPTIONAL_TEXT:
-        if row[name]:
-            kw[name] = row[name]
     if row["params"] is not None:
         kw["params"] = _struct(row["params"])
     if row["result"] is not None:
         kw["result"] = _struct(row["result"])
-    for name in ("inputs", "outputs"):
-        if row[name]:
-            kw[name] = list(row[name])
-    for name in ("labels", "worker_selector"):
-        if row[name]:
-            kw[name] = dict(row[name])
-    if row["min_start_interval_ms"]:
-        kw["min_start_interval"] = _ms_to_duration(row["min_start_interval_ms"])
-    if row["timeout_ms"]:
-        kw["timeout"] = _ms_to_duration(row["timeout_ms"])
-    if row["progress"]:
-        kw["progress"] = progress_to_proto(row["progress"])
-    if row["error"]:
-        kw["error"] = error_to_proto(row["error"])
-    _times(row, _JOB_TIMES, kw)
-    return job_pb2.Job(**kw)
+    return _optional_and_times(row, _JOB_OPTIONAL, _JOB_TIMES, kw)
 
 
+_ASSIGNED_OPTIONAL = ("worker_id", "request_id", "inputs", "labels", "timeout_ms")
 _ASSIGNED_TIMES = (("created_at", "create_time"), ("started_at", "start_time"))
 
 
@@ -223,17 +229,7 @@ def assigned_job_to_proto(row: Mapping[Any, Any]) -> job_pb2.Job:
         "state": job_pb2.JOB_STATE_RUNNING,
         "last_seq": row["last_seq"],
     }
-    for name in ("worker_id", "request_id"):
-        if row[name]:
-            kw[name] = row[name]
-    if row["inputs"]:
-        kw["inputs"] = list(row["inputs"])
-    if row["labels"]:
-        kw["labels"] = dict(row["labels"])
-    if row["timeout_ms"]:
-        kw["timeout"] = _ms_to_duration(row["timeout_ms"])
-    _times(row, _ASSIGNED_TIMES, kw)
-    return job_pb2.Job(**kw)
+    return _optional_and_times(row, _ASSIGNED_OPTIONAL, _ASSIGNED_TIMES, kw)
 
 
 def event_to_proto(row: Mapping[Any, Any]) -> job_pb2.JobEvent:

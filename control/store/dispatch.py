@@ -23,8 +23,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from control.schema import job_events, jobs
+from control.schema import jobs
 from control.store import machine
+from control.store.events import EVENT_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 # Result columns of queries returning whole job rows, typed so JSONB decodes.
 _JOB_COLUMN_TYPES = {c.name: c.type for c in jobs.c}
-_EVENT_TYPES = {c.name: c.type for c in job_events.c}
 
 
 #: a jobs row as returned by the claim (column name → value)
@@ -721,7 +721,7 @@ _PROGRESS_SQL = sa.text(
     )
     SELECT e.* FROM events AS e WHERE (SELECT count(*) FROM notes) IS NOT NULL
     """
-).columns(**_EVENT_TYPES)
+).columns(**EVENT_TYPES)
 
 
 async def write_progress(

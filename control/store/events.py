@@ -16,12 +16,13 @@ from control.schema import job_events
 
 Row = sa.RowMapping
 
-_EVENT_TYPES = {c.name: c.type for c in job_events.c}
+#: (column, SQL type) of a `job_events` row, typed so JSONB and timestamps decode
+EVENT_TYPES = {c.name: c.type for c in job_events.c}
 
 # A page of one job's history after a seq (primary key order: no sort needed).
 _EVENTS_AFTER_SQL = sa.text(
     "SELECT * FROM job_events WHERE job_id = :job_id AND seq > :after_seq ORDER BY seq LIMIT :limit"
-).columns(**_EVENT_TYPES)
+).columns(**EVENT_TYPES)
 
 
 async def list_events(
@@ -57,7 +58,7 @@ _WATCH_READ_SQL = sa.text(
     ) AS e ON true
     WHERE j.id = :job_id AND j.tenant = :tenant
     """
-).columns(job_state=sa.Text(), job_last_seq=sa.BigInteger(), **_EVENT_TYPES)
+).columns(job_state=sa.Text(), job_last_seq=sa.BigInteger(), **EVENT_TYPES)
 
 _JOB_FIELDS = ("job_state", "job_last_seq")
 

@@ -468,7 +468,7 @@ def build(t: Transition) -> sa.TextClause:
     """
     # The event comes back so the replica that committed it can hand it to its own
     # watchers at once (control.services.feeds) instead of reading it back.
-    types = {**JOB_COLUMN_TYPES} if t.full_rows else {}
+    types = JOB_COLUMN_TYPES if t.full_rows else {}
     return sa.text(sql).columns(**types, **EVENT_COLUMN_TYPES)
 
 
